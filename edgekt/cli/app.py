@@ -1,0 +1,37 @@
+"""The ``edgekt`` command. Heavy imports (torch, onnx, openvino) happen inside commands."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+from rich.console import Console
+
+from edgekt.cli import train
+from edgekt.errors import EdgektError
+
+app = typer.Typer(
+    name="edgekt",
+    help="Train, distil, export, profile and run small neural networks on edge devices.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.command("train")(train.train)
+app.command("eval")(train.evaluate_checkpoint)
+app.command("info")(train.info)
+app.command("models")(train.list_models)
+app.command("datasets")(train.list_datasets)
+
+
+def main() -> None:
+    """Console entry point: user errors print one clear message and exit 2."""
+    try:
+        app()
+    except EdgektError as exc:
+        Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+"""Options shared by several commands."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+ConfigArg = Annotated[Path, typer.Argument(help="YAML config file.", show_default=False)]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="Override a config key, e.g. --set optim.lr=0.01 (repeat)."),
+]
+ResumeOpt = Annotated[bool, typer.Option(help="Continue the run in run.dir from last.pt.")]
+ForceOpt = Annotated[bool, typer.Option(help="Start over even if run.dir holds a run.")]
+DataDirOpt = Annotated[
+    str | None, typer.Option(help="Directory with the dataset files (default: $EDGEKT_DATA).")
+]
+LimitOpt = Annotated[int | None, typer.Option(help="Use at most N training samples.")]
+DeviceOpt = Annotated[str | None, typer.Option(help="Torch device: auto, cpu, cuda, cuda:1, mps.")]
+RunDirOpt = Annotated[str | None, typer.Option("--run-dir", help="Run directory (run.dir).")]
+
+
+def cli_overrides(
+    sets: list[str] | None, *, data_dir: str | None = None, limit: int | None = None,
+    device: str | None = None, run_dir: str | None = None,
+) -> list[str]:
+    """Turn shortcut options into ``--set`` overrides (explicit --set wins: it comes last)."""
+    out = []
+    for key, value in (("data.data_dir", data_dir), ("data.limit", limit),
+                       ("train.device", device), ("run.dir", run_dir)):
+        if value is not None:
+            out.append(f"{key}={value}")
+    return out + list(sets or [])

@@ -1,0 +1,190 @@
+"""Typed, strict run configuration loaded from YAML with ``--set a.b=c`` overrides."""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from edgekt.errors import EdgektError
+
+
+class Strict(BaseModel):
+    """Base for config sections: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Strict):
+    name: str = "fashion-mnist"
+    """Registered dataset name (`fashion-mnist`, `digits`, `mnist-5k`, `imagefolder:PATH`)."""
+    data_dir: str | None = None
+    """Directory holding the raw files; default: $EDGEKT_DATA, then the Debian package path."""
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    """Fraction of the training split held out for validation (deterministic, seeded)."""
+    limit: int | None = Field(None, gt=0)
+    """Use at most this many training samples (quick runs)."""
+    augment: bool = False
+    """Random crop + flip on the training split."""
+    classes: list[int] | None = None
+    """Keep only these class indices (relabelled 0..n-1), e.g. few-shot base classes."""
+    batch_size: int = Field(128, gt=0)
+    eval_batch_size: int = Field(512, gt=0)
+    num_workers: int = Field(0, ge=0)
+    image_size: int | None = Field(None, gt=0)
+    """Resize images to this side length (default: the dataset's native size)."""
+
+
+class ModelConfig(Strict):
+    name: str = "cnn_s"
+    """Registered model name (`edgekt models` lists them)."""
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Extra keyword arguments for the model factory (e.g. `width_mult`)."""
+    weights: str | None = None
+    """Local weights to start from: an edgekt checkpoint, a torchvision `.pth` or `.safetensors`."""
+
+
+class OptimConfig(Strict):
+    name: Literal["sgd", "adamw"] = "adamw"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = True
+    layer_decay: float | None = Field(None, gt=0, le=1)
+    """Layer-wise LR decay: stage k from the head gets lr * layer_decay**k."""
+    head_lr_mult: float = Field(1.0, gt=0)
+    """Multiplier on the classifier head's learning rate (fine-tuning)."""
+
+
+class SchedConfig(Strict):
+    name: Literal["none", "cosine", "step", "onecycle"] = "cosine"
+    warmup_epochs: float = Field(0.0, ge=0)
+    step_size: int = Field(10, gt=0)
+    gamma: float = Field(0.1, gt=0)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+
+
+class FinetuneConfig(Strict):
+    freeze: Literal["none", "backbone"] | int = "none"
+    """Freeze nothing, the whole backbone, or the first N stages of the backbone."""
+    new_head: bool = False
+    """Replace the loaded classifier head (needed when the class count changes)."""
+
+
+class TrainConfig(Strict):
+    epochs: int = Field(5, gt=0)
+    device: str = "auto"
+    """`auto` (cuda, then mps, then cpu), or any torch device string."""
+    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
+    """Mixed precision; `auto` uses bf16 on GPUs that support it, else fp16, off on CPU."""
+    channels_last: bool = True
+    """Use channels_last memory format on GPU."""
+    compile: bool = False
+    grad_accum: int = Field(1, gt=0)
+    clip_grad: float | None = Field(None, gt=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    seed: int = 0
+    deterministic: bool = False
+    threads: int | None = Field(None, gt=0)
+    """torch intra-op threads on CPU (default: torch's choice)."""
+    tensorboard: bool = False
+    progress: bool = True
+
+
+class RunConfig(Strict):
+    dir: str = "runs/default"
+    """Run directory: checkpoints, metrics and the resolved config are written here."""
+
+
+class Config(Strict):
+    """A whole run: data, model, optimiser, schedule, training, fine-tuning and method."""
+
+    method: str = "supervised"
+    """Registered training method (`supervised`, `distill`, ...)."""
+    method_args: dict[str, Any] = Field(default_factory=dict)
+    """Method-specific options, validated by the method itself."""
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    sched: SchedConfig = Field(default_factory=SchedConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b=c`` strings (values parsed as YAML) to a nested dict, in place."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise EdgektError(f"--set {item!r}: expected KEY=VALUE, e.g. optim.lr=0.01")
+        node = raw
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise EdgektError(f"--set {item!r}: {part!r} is not a section")
+            node = child
+        node[parts[-1]] = yaml.safe_load(value)
+    return raw
+
+
+def validate(model: type[BaseModel], raw: dict[str, Any], source: str) -> Any:
+    """Validate ``raw`` against ``model``, turning pydantic errors into one readable message."""
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        raise EdgektError(format_validation_error(model, exc, source)) from None
+
+
+def format_validation_error(model: type[BaseModel], exc: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid configuration"]
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden":
+            valid = _fields_at(model, err["loc"][:-1])
+            close = difflib.get_close_matches(str(err["loc"][-1]), valid, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            lines.append(f"  unknown key {loc!r}{hint} (valid here: {', '.join(valid)})")
+        else:
+            lines.append(f"  {loc}: {err['msg']} (got {err.get('input')!r})")
+    return "\n".join(lines)
+
+
+def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        model = ann
+    return sorted(model.model_fields)
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (or the defaults when ``path`` is None) and apply overrides."""
+    raw: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        p = Path(path)
+        if not p.is_file():
+            raise EdgektError(f"config file not found: {p}")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise EdgektError(f"{p}: not valid YAML: {exc}") from None
+        if not isinstance(raw, dict):
+            raise EdgektError(f"{p}: expected a mapping at the top level")
+    apply_overrides(raw, overrides or [])
+    return validate(Config, raw, source)
+
+
+def dump_config(cfg: BaseModel, path: str | Path) -> None:
+    """Write the resolved config as YAML."""
+    from edgekt.io import atomic_write_text
+
+    atomic_write_text(Path(path), yaml.safe_dump(cfg.model_dump(), sort_keys=False))

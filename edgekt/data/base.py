@@ -1,0 +1,136 @@
+"""Dataset bundle types and the in-memory batch loader used by every built-in dataset."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class DatasetInfo:
+    """What export and the device need to know about the data."""
+
+    name: str
+    num_classes: int
+    in_channels: int
+    image_size: int
+    mean: list[float]
+    std: list[float]
+    labels: list[str]
+
+    @property
+    def color(self) -> str:
+        return "L" if self.in_channels == 1 else "RGB"
+
+
+@dataclass
+class TensorSplit:
+    """A split held in memory: uint8 images (N, C, H, W) and int64 targets."""
+
+    images: torch.Tensor
+    targets: torch.Tensor
+    indices: torch.Tensor | None = field(default=None)
+    """Positions in the original split (for the teacher-output cache)."""
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def subset(self, idx: torch.Tensor) -> TensorSplit:
+        base = self.indices if self.indices is not None else torch.arange(len(self))
+        return TensorSplit(self.images[idx], self.targets[idx], base[idx])
+
+
+@dataclass
+class Splits:
+    train: TensorSplit
+    val: TensorSplit
+    test: TensorSplit
+    info: DatasetInfo
+
+
+class BatchLoader:
+    """Yields normalised float batches from a TensorSplit.
+
+    Far faster than a per-sample DataLoader for small images. The order of epoch ``e`` depends
+    only on (seed, e) and augmentation on (seed, e, batch), so a run resumed mid-epoch sees
+    exactly the batches an uninterrupted run would. With ``rank``/``world`` each process gets a
+    disjoint, equal-sized shard (the DistributedSampler contract).
+    """
+
+    def __init__(
+        self,
+        split: TensorSplit,
+        info: DatasetInfo,
+        batch_size: int,
+        *,
+        shuffle: bool = False,
+        seed: int = 0,
+        augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
+        drop_last: bool = False,
+        rank: int = 0,
+        world: int = 1,
+        with_index: bool = False,
+    ) -> None:
+        self.split, self.batch_size, self.shuffle, self.seed = split, batch_size, shuffle, seed
+        self.augment, self.drop_last, self.rank, self.world = augment, drop_last, rank, world
+        self.with_index = with_index
+        self.mean = torch.tensor(info.mean).view(1, -1, 1, 1) * 255.0
+        self.std = torch.tensor(info.std).view(1, -1, 1, 1) * 255.0
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _order(self) -> torch.Tensor:
+        n = len(self.split)
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            order = torch.randperm(n, generator=g)
+        else:
+            order = torch.arange(n)
+        if self.world > 1:
+            if self.shuffle:  # training shards are padded to equal length, as DistributedSampler
+                per = -(-n // self.world)
+                order = torch.cat([order, order[: per * self.world - n]])
+            order = order[self.rank :: self.world]
+        return order
+
+    def __len__(self) -> int:
+        n = len(self._order()) if self.world > 1 else len(self.split)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def iter_from(self, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, ...]]:
+        order = self._order()
+        for b in range(start_batch, len(self)):
+            idx = order[b * self.batch_size : (b + 1) * self.batch_size]
+            x = self.split.images[idx].float()
+            if self.augment is not None:
+                g = torch.Generator().manual_seed((self.seed * 100_003 + self.epoch) * 10_007 + b)
+                x = self.augment(x, g)
+            x = (x - self.mean) / self.std
+            y = self.split.targets[idx]
+            if self.with_index:
+                pos = self.split.indices[idx] if self.split.indices is not None else idx
+                yield x, y, pos
+            else:
+                yield x, y
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        return self.iter_from(0)
+
+
+def random_crop_flip(x: torch.Tensor, g: torch.Generator, pad: int = 2) -> torch.Tensor:
+    """Batched random crop (zero padding ``pad``) and horizontal flip."""
+    n, _, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=g)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=g)
+    rows = (dy.view(n, 1) + torch.arange(h).view(1, h)).view(n, 1, h, 1)
+    cols = (dx.view(n, 1) + torch.arange(w).view(1, w)).view(n, 1, 1, w)
+    out = padded.gather(2, rows.expand(n, x.shape[1], h, w + 2 * pad))
+    out = out.gather(3, cols.expand(n, x.shape[1], h, w))
+    flip = torch.rand(n, generator=g) < 0.5
+    out[flip] = out[flip].flip(-1)
+    return out

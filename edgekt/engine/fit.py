@@ -1,0 +1,280 @@
+"""The one training loop. Methods change the task object, never this loop."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import nn
+
+import edgekt
+from edgekt.config import Config, dump_config
+from edgekt.data import BatchLoader, Splits, build_splits, make_loader
+from edgekt.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from edgekt.engine.metrics import MetricsLog
+from edgekt.engine.optim import build_optimizer, build_scheduler, param_groups
+from edgekt.engine.runtime import Runtime, setup_runtime, teardown_runtime
+from edgekt.engine.setup import (
+    build_model,
+    info_record,
+    model_record,
+    set_train_mode,
+    to_device,
+)
+from edgekt.engine.tasks import METHODS, Task
+from edgekt.errors import EdgektError
+from edgekt.models import EdgeNet, count_params
+
+console = Console(stderr=True)
+
+
+@dataclass
+class FitResult:
+    run_dir: Path
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: BatchLoader, rt: Runtime) -> dict[str, float]:
+    """Loss and top-1 accuracy over a loader (summed across ranks under DDP)."""
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(3, dtype=torch.float64, device=rt.device)  # loss sum, correct, count
+    for batch in loader:
+        x, y = batch[0].to(rt.device, non_blocking=True), batch[1].to(rt.device, non_blocking=True)
+        with rt.autocast():
+            logits = model(x)
+        totals[0] += F.cross_entropy(logits.float(), y, reduction="sum")
+        totals[1] += (logits.argmax(1) == y).sum()
+        totals[2] += len(y)
+    if rt.distributed:
+        torch.distributed.all_reduce(totals)
+    model.train(was_training)
+    n = max(totals[2].item(), 1.0)
+    return {"loss": totals[0].item() / n, "acc": totals[1].item() / n}
+
+
+class Trainer:
+    """Holds the objects of one run; ``run()`` is the explicit loop."""
+
+    def __init__(self, cfg: Config, *, resume: bool = False, force: bool = False,
+                 splits: Splits | None = None) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(cfg.run.dir)
+        self.rt = setup_runtime(cfg.train)
+        last = self.run_dir / "last.pt"
+        if last.exists() and not (resume or force):
+            raise EdgektError(f"{self.run_dir} already holds a run: pass --resume to continue it, "
+                              f"--force to start over, or set run.dir to a new directory")
+        self.splits = splits or build_splits(cfg.data)
+        info = self.splits.info
+        self.model: EdgeNet = build_model(cfg.model, info, cfg.finetune)
+        self.task: Task = METHODS.get(cfg.method)(cfg, self.model, self.splits, self.rt.device)
+        self.model = to_device(self.model, self.rt.device, cfg.train.channels_last)
+        self.task.to(self.rt.device)
+        self.train_loader = make_loader(self.splits.train, info, cfg.data, train=True,
+                                        seed=cfg.train.seed, rank=self.rt.rank,
+                                        world=self.rt.world, with_index=self.task.needs_index)
+        self.val_loader = make_loader(self.splits.val, info, cfg.data, train=False,
+                                      rank=self.rt.rank, world=self.rt.world)
+        self.steps_per_epoch = -(-len(self.train_loader) // cfg.train.grad_accum)
+        groups = param_groups(self.model, cfg.optim, self.task.extra_parameters())
+        self.opt = build_optimizer(groups, cfg.optim)
+        self.sched = build_scheduler(self.opt, cfg.sched, self.steps_per_epoch, cfg.train.epochs)
+        self.scaler = torch.amp.GradScaler(self.rt.device.type,
+                                           enabled=self.rt.amp_dtype == torch.float16)
+        self.fwd_model: nn.Module = self.model
+        if cfg.train.compile:
+            self.fwd_model = torch.compile(self.fwd_model)
+        if self.rt.distributed:
+            ids = [self.rt.device.index] if self.rt.device.type == "cuda" else None
+            self.fwd_model = nn.parallel.DistributedDataParallel(self.fwd_model, device_ids=ids)
+        self.epoch, self.batch, self.step = 0, 0, 0
+        self.running = {"loss": 0.0, "correct": 0, "seen": 0, "time": 0.0}
+        self.best_acc = -1.0
+        self.log = MetricsLog(self.run_dir, cfg.train.tensorboard) if self.rt.is_main else None
+        if self.rt.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            dump_config(cfg, self.run_dir / "config.yaml")
+        if resume and last.exists():
+            self._restore(load_checkpoint(last))
+        elif force and self.log is not None:
+            self.log.truncate_after(-1)
+
+    # ---- checkpoints -------------------------------------------------------------------------
+    def state(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "edgekt_version": edgekt.__version__,
+            "model": model_record(self.cfg.model, self.splits.info, self.model),
+            "data": info_record(self.splits.info),
+            "config": self.cfg.model_dump(),
+            "method": self.task.export_metadata(),
+            "task": self.task.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "epoch": self.epoch,
+            "batch": self.batch,
+            "step": self.step,
+            "running": dict(self.running),
+            "best_acc": self.best_acc,
+            "rng": rng_state(),
+            "metrics": metrics,
+        }
+
+    def save(self, name: str, metrics: dict[str, Any]) -> None:
+        if self.rt.is_main:
+            save_checkpoint(self.run_dir / name, self.state(metrics))
+
+    def _restore(self, ck: dict[str, Any]) -> None:
+        try:
+            self.model.load_state_dict(ck["model"]["state_dict"])
+            self.task.load_state_dict(ck["task"])
+            self.opt.load_state_dict(ck["optimizer"])
+            self.sched.load_state_dict(ck["scheduler"])
+            self.scaler.load_state_dict(ck["scaler"])
+        except (KeyError, RuntimeError, ValueError) as exc:
+            raise EdgektError(f"{self.run_dir / 'last.pt'}: cannot resume: the checkpoint does "
+                              f"not match this config ({str(exc)[:300]})") from None
+        self.epoch, self.batch, self.step = ck["epoch"], ck["batch"], ck["step"]
+        self.running, self.best_acc = dict(ck["running"]), ck["best_acc"]
+        set_rng_state(ck["rng"])
+        if self.log is not None:
+            self.log.truncate_after(self.epoch - 1)
+        if self.rt.is_main:
+            console.print(f"resumed from {self.run_dir / 'last.pt'} at epoch {self.epoch + 1}, "
+                          f"batch {self.batch}")
+
+    # ---- the loop ----------------------------------------------------------------------------
+    def run(self, checkpoint_every: int = 0, stop_after_steps: int | None = None) -> FitResult:
+        cfg, rt = self.cfg, self.rt
+        accum = cfg.train.grad_accum
+        n_batches = len(self.train_loader)
+        progress = Progress(
+            TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(),
+            TextColumn("{task.completed}/{task.total}"),
+            TextColumn("loss {task.fields[loss]:.4f} acc {task.fields[acc]:.3f} "
+                       "{task.fields[ips]:.0f} img/s"),
+            TimeRemainingColumn(), console=console,
+            disable=not (cfg.train.progress and rt.is_main),
+        )
+        metrics: dict[str, Any] = {}
+        with progress:
+            while self.epoch < cfg.train.epochs:
+                self.train_loader.set_epoch(self.epoch)
+                set_train_mode(self.model, cfg.finetune.freeze)
+                bar = progress.add_task("train", total=n_batches, completed=self.batch,
+                                        epoch=f"{self.epoch + 1}/{cfg.train.epochs}",
+                                        loss=0.0, acc=0.0, ips=0.0)
+                t0 = time.perf_counter() - self.running["time"]
+                for batch in self.train_loader.iter_from(self.batch):
+                    batch = tuple(t.to(rt.device, non_blocking=True) for t in batch)
+                    boundary = (self.batch + 1) % accum == 0 or self.batch + 1 == n_batches
+                    self._micro_step(batch, boundary)
+                    self.batch += 1
+                    r = self.running
+                    if boundary and checkpoint_every and self.step % checkpoint_every == 0:
+                        r["time"] = time.perf_counter() - t0
+                        self.save("last.pt", metrics)
+                    progress.update(bar, advance=1, loss=r["loss"] / max(r["seen"], 1),
+                                    acc=r["correct"] / max(r["seen"], 1),
+                                    ips=r["seen"] / max(time.perf_counter() - t0, 1e-9))
+                    if stop_after_steps is not None and self.step >= stop_after_steps:
+                        return FitResult(self.run_dir, metrics)
+                progress.remove_task(bar)
+                metrics = self._end_epoch(time.perf_counter() - t0)
+        return self._finish(metrics)
+
+    def _micro_step(self, batch: tuple, boundary: bool) -> None:
+        cfg, rt = self.cfg, self.rt
+        sync = boundary or not isinstance(self.fwd_model, nn.parallel.DistributedDataParallel)
+        ctx = torch.enable_grad() if sync else self.fwd_model.no_sync()
+        with ctx, rt.autocast():
+            out = self.task.training_step(self.fwd_model, batch, self.step)
+        loss = out.loss
+        if not torch.isfinite(loss):
+            raise EdgektError(
+                f"loss became {loss.item()} at epoch {self.epoch + 1}, batch {self.batch} "
+                f"(terms: { {k: float(v) for k, v in out.terms.items()} }). Lower optim.lr, set "
+                f"train.clip_grad, or check the data. The last good checkpoint is kept in "
+                f"{self.run_dir / 'last.pt'}."
+            )
+        self.scaler.scale(loss / cfg.train.grad_accum).backward()
+        r = self.running
+        n = len(out.targets)
+        r["loss"] += loss.detach().item() * n
+        r["correct"] += int((out.logits.detach().argmax(1) == out.targets).sum())
+        r["seen"] += n
+        if boundary:
+            if cfg.train.clip_grad:
+                self.scaler.unscale_(self.opt)
+                torch.nn.utils.clip_grad_norm_(
+                    [p for g in self.opt.param_groups for p in g["params"]], cfg.train.clip_grad
+                )
+            self.scaler.step(self.opt)
+            self.scaler.update()
+            self.opt.zero_grad(set_to_none=True)
+            self.sched.step()
+            self.step += 1
+
+    def _end_epoch(self, seconds: float) -> dict[str, Any]:
+        r = self.running
+        val = evaluate(self.model, self.val_loader, self.rt)
+        row = {
+            "epoch": self.epoch + 1, "step": self.step,
+            "train_loss": r["loss"] / max(r["seen"], 1),
+            "train_acc": r["correct"] / max(r["seen"], 1),
+            "val_loss": val["loss"], "val_acc": val["acc"],
+            "lr": self.opt.param_groups[0]["lr"],
+            "epoch_seconds": seconds, "images_per_s": r["seen"] * self.rt.world / max(seconds, 1e-9),
+        }
+        if self.rt.is_main:
+            console.print(
+                f"epoch {row['epoch']}/{self.cfg.train.epochs}  train_loss {row['train_loss']:.4f}"
+                f"  train_acc {row['train_acc']:.4f}  val_acc {row['val_acc']:.4f}"
+                f"  {row['images_per_s']:.0f} img/s  {seconds:.1f}s"
+            )
+            self.log.write(row)
+        self.epoch += 1
+        self.batch = 0
+        self.running = {"loss": 0.0, "correct": 0, "seen": 0, "time": 0.0}
+        improved = val["acc"] > self.best_acc
+        self.best_acc = max(self.best_acc, val["acc"])
+        self.save("last.pt", row)
+        if improved:
+            self.save("best.pt", row)
+        return row
+
+    def _finish(self, last_row: dict[str, Any]) -> FitResult:
+        test_loader = make_loader(self.splits.test, self.splits.info, self.cfg.data, train=False,
+                                  rank=self.rt.rank, world=self.rt.world)
+        test = evaluate(self.model, test_loader, self.rt)
+        metrics = {**last_row, "test_loss": test["loss"], "test_acc": test["acc"],
+                   "best_val_acc": self.best_acc, "params": count_params(self.model)}
+        if self.rt.is_main:
+            self.save("last.pt", metrics)
+            (self.run_dir / "summary.json").write_text(json.dumps(metrics, indent=2))
+            console.print(f"test_acc {test['acc']:.4f}  (run dir: {self.run_dir})")
+            self.log.close()
+        teardown_runtime(self.rt)
+        return FitResult(self.run_dir, metrics)
+
+
+def fit(cfg: Config, *, resume: bool = False, force: bool = False,
+        checkpoint_every: int = 0, splits: Splits | None = None) -> FitResult:
+    """Train ``cfg.model`` with ``cfg.method``; write checkpoints and metrics to ``cfg.run.dir``.
+
+    Args:
+        resume: continue from ``run.dir/last.pt`` (exactly, in deterministic mode).
+        force: overwrite an existing run directory's checkpoints.
+        checkpoint_every: also save ``last.pt`` every N optimiser steps (0: each epoch only).
+        splits: pre-built data (tests and benchmarks reuse one load).
+    """
+    return Trainer(cfg, resume=resume, force=force, splits=splits).run(checkpoint_every)

@@ -1,0 +1,64 @@
+"""Training methods as task objects: each owns forward + loss; the loop in ``fit`` stays one.
+
+A task receives the whole batch tuple from the loader and returns a ``StepOutput``. Methods
+register here by name (``method:`` in the config) and may carry state (adapters, memory banks)
+that goes into the checkpoint through ``state_dict``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edgekt.config import Config
+from edgekt.data import Splits
+from edgekt.registry import Registry
+
+METHODS: Registry = Registry("method")
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor
+    logits: torch.Tensor
+    targets: torch.Tensor
+    terms: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Named loss components for logging (detached by the loop)."""
+
+
+class Task(nn.Module):
+    """Base task. Subclasses override ``training_step``; ``nn.Module`` so extra trainable parts
+    (adapters) register as parameters and save with ``state_dict``."""
+
+    needs_index: bool = False
+    """Ask the loader for each sample's dataset position (e.g. for a teacher-output cache)."""
+
+    def __init__(self, cfg: Config, model: nn.Module, splits: Splits, device: torch.device):
+        super().__init__()
+        self.cfg = cfg
+        self.label_smoothing = cfg.train.label_smoothing
+
+    def extra_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def training_step(self, model: nn.Module, batch: tuple, step: int) -> StepOutput:
+        raise NotImplementedError
+
+    def export_metadata(self) -> dict[str, Any]:
+        """What the saved checkpoint should record about this method."""
+        return {"method": self.cfg.method}
+
+
+@METHODS.register("supervised")
+class SupervisedTask(Task):
+    """Plain cross-entropy classification (teachers, students from scratch, fine-tuning)."""
+
+    def training_step(self, model: nn.Module, batch: tuple, step: int) -> StepOutput:
+        x, y = batch[0], batch[1]
+        logits = model(x)
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing)
+        return StepOutput(loss, logits, y, {"ce": loss})

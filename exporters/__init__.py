@@ -1,0 +1,1 @@
+"""Exporters: edgekt checkpoints to ONNX and OpenVINO IR (imported as ``edgekt.exporters``)."""
