@@ -1,0 +1,1 @@
+"""Torch-free device runtime (imported as ``edgekt.devices``): numpy + onnxruntime/OpenVINO."""

@@ -1,0 +1,1 @@
+"""Distillation: KD losses as pure tensor functions and the distillation task."""

@@ -1,0 +1,1 @@
+"""Few-shot learning on the host: episodic sampling, prototypical networks, evaluation."""

@@ -1,0 +1,1 @@
+"""The seed's other knowledge-transfer methods: siamese/matching/relation nets, MAML, multi-task, DANN."""

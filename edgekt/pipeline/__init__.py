@@ -1,0 +1,1 @@
+"""The one-command pipeline: teacher -> students -> export -> parity -> profile -> report."""
