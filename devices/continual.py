@@ -1,0 +1,583 @@
+"""On-device continual learning: a frozen embedder, a small numpy head, latent replay.
+
+The app feeds labelled samples as they come (``learner.observe(x, y)``) and asks for
+predictions (``learner.predict(x)``). Each observed batch is embedded by the frozen exported
+model, scored by the current head (the per-sample errors feed a drift detector), mixed with
+replayed latents from a class-balanced byte-budgeted buffer, and used for a candidate head
+update. The candidate replaces the head only if it keeps the accuracy on the buffer's holdout
+samples of already known classes within ``guard_tolerance``; otherwise it is rolled back and
+the reason is logged. Head, buffer, detector, counters and the label map are committed
+atomically with :mod:`edgekt.devices.state` every ``save_every`` batches and on ``save()``.
+
+Bad input never reaches the head: unlabelled samples, NaN/inf inputs, a sample shape other
+than the first one seen, a label type change (e.g. ``int`` then ``str``) and embeddings of the
+wrong size are rejected, counted and reported in the returned :class:`ObserveResult`.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import numpy as np
+from edgekt.devices.drift import DriftDetector, create_detector
+from edgekt.devices.replay import ReplayBuffer
+from edgekt.devices.state import State, load_state, save_state
+
+from edgekt.errors import EdgektError
+
+log = logging.getLogger(__name__)
+
+STATE_FORMAT = 1
+
+
+class Embedder(Protocol):
+    """Anything that turns a batch of raw inputs into a (batch, dim) float array."""
+
+    def embed(self, raw: np.ndarray) -> np.ndarray: ...
+
+
+@dataclass
+class LearnerConfig:
+    """Hyper-parameters of the on-device learner (all plain values, saved with the state)."""
+
+    head: Literal["softmax", "ncm"] = "softmax"
+    """Softmax linear layer trained by SGD, or nearest-class-mean prototypes."""
+    lr: float = 0.5
+    """SGD learning rate of the softmax head."""
+    steps: int = 1
+    """SGD steps per observed batch (each on the batch plus a fresh replay draw)."""
+    replay_batch: int = 32
+    """Replayed latents mixed into every step."""
+    buffer_bytes: int = 1_000_000
+    """Byte budget of the replay buffer (0: no replay, no guard)."""
+    int8: bool = False
+    """Store replayed latents as int8 (about 4x more samples in the same budget)."""
+    holdout_fraction: float = 0.1
+    """Share of buffered samples reserved for judging updates."""
+    guard: bool = True
+    """Roll back updates that lose more than ``guard_tolerance`` on known classes."""
+    guard_tolerance: float = 0.05
+    guard_min_holdout: int = 20
+    """Fewer holdout samples of known classes than this: accept without judging."""
+    normalize: bool = True
+    """L2-normalise embeddings (False when starting from an exported head, which was trained
+    on raw embeddings)."""
+    drift: Literal["adwin", "page-hinkley", "none"] = "adwin"
+    """Detector on the stream of per-sample errors (prequential, before the update)."""
+    drift_args: dict[str, Any] = field(default_factory=dict)
+    ncm_window: int = 200
+    """NCM on drift: each prototype keeps the weight of at most this many samples."""
+    max_classes: int = 256
+    save_every: int = 0
+    """Commit the state every N observed batches (0: only on ``save()``)."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        checks = {
+            "head": self.head in ("softmax", "ncm"), "lr": self.lr > 0, "steps": self.steps >= 1,
+            "replay_batch": self.replay_batch >= 0, "buffer_bytes": self.buffer_bytes >= 0,
+            "holdout_fraction": 0 <= self.holdout_fraction < 1,
+            "guard_tolerance": 0 <= self.guard_tolerance <= 1,
+            "drift": self.drift in ("adwin", "page-hinkley", "none"),
+            "ncm_window": self.ncm_window >= 1, "save_every": self.save_every >= 0,
+            "max_classes": 1 <= self.max_classes <= 1024,
+        }
+        bad = [k for k, ok in checks.items() if not ok]
+        if bad:
+            values = ", ".join(f"{k}={getattr(self, k)!r}" for k in bad)
+            raise EdgektError(f"LearnerConfig: invalid {values}")
+
+    # Fields that fix the layout of the saved state; the others may change across restarts.
+    STRUCTURAL = ("head", "buffer_bytes", "int8", "holdout_fraction", "normalize", "drift",
+                  "drift_args", "max_classes")
+
+
+@dataclass
+class ObserveResult:
+    """What one ``observe`` call did."""
+
+    accepted: int = 0
+    rejected: list[tuple[int, str]] = field(default_factory=list)
+    """(index in the batch, reason) of every rejected sample."""
+    updated: bool = False
+    rolled_back: bool = False
+    reason: str = ""
+    """Why the update was rolled back (empty otherwise)."""
+    drift: bool = False
+    new_labels: list[str] = field(default_factory=list)
+    errors: int = 0
+    """Samples the head got wrong before learning from them (prequential)."""
+    update_ms: float = 0.0
+    """Time of the head update, guard and buffer insertion (embedding excluded)."""
+
+
+# --------------------------------------------------------------------------- heads
+
+
+def _softmax_xent(logits: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Probabilities and per-sample cross-entropy, computed stably in log space."""
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    log_z = np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    logp = shifted - log_z
+    return np.exp(logp), -logp[np.arange(len(y)), y]
+
+
+class SoftmaxHead:
+    """Linear layer + softmax; rows are added (zero-initialised) as labels appear."""
+
+    kind = "softmax"
+
+    def __init__(self, dim: int, weight: np.ndarray | None = None,
+                 bias: np.ndarray | None = None) -> None:
+        self.weight = np.zeros((0, dim), np.float32) if weight is None else weight.astype(
+            np.float32)
+        self.bias = np.zeros(len(self.weight), np.float32) if bias is None else bias.astype(
+            np.float32)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.weight)
+
+    def grow(self, n: int) -> None:
+        extra = n - self.num_classes
+        if extra > 0:
+            rows = np.zeros((extra, self.weight.shape[1]), np.float32)
+            self.weight = np.vstack([self.weight, rows])
+            self.bias = np.concatenate([self.bias, np.zeros(extra, np.float32)])
+
+    def logits(self, z: np.ndarray) -> np.ndarray:
+        return z @ self.weight.T + self.bias
+
+    def learn(self, z: np.ndarray, y: np.ndarray, lr: float) -> None:
+        """One SGD step of mean cross-entropy on (z, y)."""
+        p, _ = _softmax_xent(self.logits(z), y)
+        p[np.arange(len(y)), y] -= 1.0
+        p /= len(y)
+        self.weight -= lr * (p.T @ z)
+        self.bias -= lr * p.sum(axis=0)
+
+    def on_drift(self, window: int) -> None:
+        """Nothing to reset: the replay buffer restart does the adapting."""
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"weight": self.weight, "bias": self.bias}
+
+    @classmethod
+    def from_arrays(cls, dim: int, a: dict[str, np.ndarray]) -> SoftmaxHead:
+        return cls(dim, a["weight"], a["bias"])
+
+
+class NCMHead:
+    """Nearest class mean: a running mean embedding (prototype) per class."""
+
+    kind = "ncm"
+
+    def __init__(self, dim: int, sums: np.ndarray | None = None,
+                 counts: np.ndarray | None = None) -> None:
+        self.sums = np.zeros((0, dim), np.float64) if sums is None else sums.astype(np.float64)
+        self.counts = np.zeros(len(self.sums)) if counts is None else counts.astype(np.float64)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.sums)
+
+    def grow(self, n: int) -> None:
+        extra = n - self.num_classes
+        if extra > 0:
+            self.sums = np.vstack([self.sums, np.zeros((extra, self.sums.shape[1]))])
+            self.counts = np.concatenate([self.counts, np.zeros(extra)])
+
+    def logits(self, z: np.ndarray) -> np.ndarray:
+        """Negative squared distance to each prototype (classes never seen: -inf)."""
+        means = (self.sums / np.maximum(self.counts, 1.0)[:, None]).astype(np.float32)
+        scores = 2.0 * z @ means.T - (means * means).sum(axis=1)
+        scores[:, self.counts == 0] = -np.inf
+        return scores
+
+    def learn(self, z: np.ndarray, y: np.ndarray, lr: float) -> None:
+        np.add.at(self.sums, y, z)
+        self.counts += np.bincount(y, minlength=self.num_classes)
+
+    def on_drift(self, window: int) -> None:
+        """Shrink each prototype's weight to ``window`` samples so new data moves it fast."""
+        factor = np.minimum(1.0, window / np.maximum(self.counts, 1.0))
+        self.sums *= factor[:, None]
+        self.counts *= factor
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"sums": self.sums, "counts": self.counts}
+
+    @classmethod
+    def from_arrays(cls, dim: int, a: dict[str, np.ndarray]) -> NCMHead:
+        return cls(dim, a["sums"], a["counts"])
+
+
+HEADS = {"softmax": SoftmaxHead, "ncm": NCMHead}
+Head = SoftmaxHead | NCMHead
+
+
+def load_head_npz(path: str | Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Read an exported head (``weight`` (C, D), ``bias`` (C,), ``labels`` (C,) strings)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            weight, bias, labels = z["weight"], z["bias"], [str(s) for s in z["labels"]]
+    except (OSError, ValueError, KeyError) as exc:
+        raise EdgektError(f"{path}: not an exported head (.npz with weight, bias, labels): "
+                          f"{exc}") from None
+    if weight.ndim != 2 or bias.shape != (len(weight),) or len(labels) != len(weight):
+        raise EdgektError(f"{path}: inconsistent head: weight {weight.shape}, bias {bias.shape}, "
+                          f"{len(labels)} labels")
+    return weight, bias, labels
+
+
+# --------------------------------------------------------------------------- learner
+
+
+class ContinualLearner:
+    """Learns new classes and adapts to drift from a labelled stream, on the device.
+
+    Args:
+        embedder: the frozen feature extractor (``embed(raw) -> (n, dim)``), e.g. the
+            ``EdgeModel`` of an exported embedding model.
+        config: hyper-parameters (default :class:`LearnerConfig`).
+        state_path: where the state is committed; an existing state there is resumed.
+        head_path: exported ``head.npz`` to start from (ignored when a state is resumed).
+        dim: embedding size, when it cannot be read from the embedder or the head (otherwise
+            it is taken from the first embedded batch).
+    """
+
+    def __init__(self, embedder: Embedder | None, config: LearnerConfig | None = None, *,
+                 state_path: str | Path | None = None, head_path: str | Path | None = None,
+                 dim: int | None = None) -> None:
+        self.embedder = embedder
+        self.config = config or LearnerConfig()
+        self.state_path = Path(state_path) if state_path is not None else None
+        self.labels: list[str] = []
+        self.label_kind: str | None = None
+        self.sample_shape: list[int] | None = None
+        self.counters = {"samples": 0, "batches": 0, "rejected": 0, "updates_accepted": 0,
+                         "updates_rolled_back": 0, "drift_events": 0, "new_labels": 0}
+        self.last_rollback = ""
+        self.generation = 0
+        self.recovered_from: str | None = None
+        self.rng = np.random.default_rng(self.config.seed)
+        self.detector: DriftDetector | None = (
+            None if self.config.drift == "none"
+            else create_detector(self.config.drift, **self.config.drift_args))
+        self.head: Head | None = None
+        self.buffer: ReplayBuffer | None = None
+        self.dim = dim or getattr(embedder, "embedding_dim", None)
+        state = load_state(self.state_path) if self.state_path is not None else None
+        if state is not None:
+            self._restore(state)
+        elif head_path is not None:
+            self._start_from_head(head_path)
+        elif self.dim:
+            self._allocate(int(self.dim))
+
+    # ----------------------------------------------------------------- set-up
+
+    def _allocate(self, dim: int) -> None:
+        self.dim = dim
+        self.head = HEADS[self.config.head](dim)
+        self.head.grow(len(self.labels))
+        if self.config.buffer_bytes:
+            self.buffer = ReplayBuffer(dim, self.config.buffer_bytes, int8=self.config.int8,
+                                       holdout_fraction=self.config.holdout_fraction,
+                                       max_classes=self.config.max_classes, seed=self.config.seed)
+
+    def _start_from_head(self, path: str | Path) -> None:
+        weight, bias, labels = load_head_npz(path)
+        if self.config.head != "softmax":
+            raise EdgektError(f"{path}: an exported linear head needs head='softmax'")
+        if self.config.normalize:
+            # The exported head was trained on raw embeddings; normalising would break it.
+            log.info("starting from %s: embeddings are not L2-normalised", path)
+            self.config = replace(self.config, normalize=False)
+        self.labels = labels
+        self.label_kind = "str"
+        self._allocate(weight.shape[1])
+        self.head = SoftmaxHead(weight.shape[1], weight, bias)
+
+    # ----------------------------------------------------------------- validation
+
+    def _label_kind(self, label: Any) -> str | None:
+        if isinstance(label, (bool, np.bool_)) or label is None:
+            return None
+        if isinstance(label, (int, np.integer)):
+            return "int"
+        if isinstance(label, (str, np.str_)):
+            return "str"
+        return None
+
+    def _as_batch(self, x: Any, y: Any) -> tuple[np.ndarray | None, list[Any], str]:
+        """Interpret (x, y) as a batch: a scalar label means one sample."""
+        if isinstance(y, (str, int, np.integer, np.str_)) or y is None:
+            ys = [y]
+            xb = np.asarray(x)[None] if x is not None else None
+        else:
+            ys = list(y)
+            xb = np.asarray(x) if x is not None else None
+        if xb is None or xb.ndim < 2 or len(xb) != len(ys):
+            n = 0 if xb is None else (len(xb) if xb.ndim else 0)
+            return None, ys, (f"{n} inputs for {len(ys)} labels" if xb is not None
+                              else "no input")
+        return xb, ys, ""
+
+    def _validate(self, x: Any, y: Any) -> tuple[np.ndarray, list[Any], list[int],
+                                                  list[tuple[int, str]]]:
+        xb, ys, why = self._as_batch(x, y)
+        if xb is None:
+            return np.zeros(0), [], [], [(i, why) for i in range(max(len(ys), 1))]
+        rejected: list[tuple[int, str]] = []
+        shape = list(xb.shape[1:])
+        if self.sample_shape is not None and shape != self.sample_shape:
+            why = f"sample shape {shape} differs from the stream's {self.sample_shape}"
+            return xb, ys, [], [(i, why) for i in range(len(ys))]
+        if xb.dtype == bool or not np.issubdtype(xb.dtype, np.integer) \
+                and not np.issubdtype(xb.dtype, np.floating):
+            why = f"input dtype {xb.dtype} is not a real number type"
+            return xb, ys, [], [(i, why) for i in range(len(ys))]
+        finite = (np.isfinite(xb.reshape(len(xb), -1)).all(axis=1)
+                  if np.issubdtype(xb.dtype, np.floating) else np.ones(len(xb), bool))
+        kind = self.label_kind
+        keep = []
+        for i, label in enumerate(ys):
+            k = self._label_kind(label)
+            if k is None:
+                rejected.append((i, "unlabelled" if label is None else
+                                 f"label {label!r} is not a str or int"))
+            elif kind is not None and k != kind:
+                rejected.append((i, f"label type changed mid-stream: {k} label {label!r}, the "
+                                    f"stream's labels are {kind}"))
+            elif not finite[i]:
+                rejected.append((i, "input contains NaN or inf"))
+            else:
+                kind = kind or k
+                keep.append(i)
+        return xb, ys, keep, rejected
+
+    # ----------------------------------------------------------------- public API
+
+    def observe(self, x: Any, y: Any) -> ObserveResult:
+        """Learn from labelled raw input: one sample (``y`` a scalar label) or a batch."""
+        xb, ys, keep, rejected = self._validate(x, y)
+        z = None
+        if keep:
+            if self.embedder is None:
+                raise EdgektError("ContinualLearner has no embedder: use observe_embeddings")
+            try:
+                z = np.asarray(self.embedder.embed(xb[keep]), np.float32)
+            except Exception as exc:  # noqa: BLE001 - a runtime error rejects the batch, not the app
+                rejected += [(i, f"embedding failed: {exc}") for i in keep]
+                keep = []
+        result = self._learn(z, [ys[i] for i in keep], keep, rejected)
+        if result.accepted and self.sample_shape is None:
+            self.sample_shape = list(xb.shape[1:])
+        return result
+
+    def observe_embeddings(self, z: np.ndarray, y: Any) -> ObserveResult:
+        """Learn from already embedded samples (the host simulator embeds a stream once)."""
+        zb, ys, keep, rejected = self._validate(z, y)
+        zk = zb[keep].astype(np.float32) if keep else None
+        return self._learn(zk, [ys[i] for i in keep], keep, rejected)
+
+    def predict(self, x: Any) -> list[Any]:
+        """Labels for a batch of raw inputs (in the stream's label type)."""
+        return self.predict_embeddings(np.asarray(self.embedder.embed(np.asarray(x)), np.float32))
+
+    def predict_embeddings(self, z: np.ndarray) -> list[Any]:
+        idx = self.predict_indices(z)
+        cast = int if self.label_kind == "int" else str
+        return [cast(self.labels[i]) for i in idx]
+
+    def predict_indices(self, z: np.ndarray) -> np.ndarray:
+        """Class indices (positions in ``self.labels``) for embedded samples."""
+        if self.head is None or self.head.num_classes == 0:
+            raise EdgektError("ContinualLearner.predict: no label learnt yet; observe first")
+        return self.head.logits(self._prep(np.asarray(z, np.float32))).argmax(axis=1)
+
+    # ----------------------------------------------------------------- learning
+
+    def _prep(self, z: np.ndarray) -> np.ndarray:
+        if self.config.normalize:
+            z = z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
+        return z
+
+    def _learn(self, z: np.ndarray | None, labels: list[Any], keep: list[int],
+               rejected: list[tuple[int, str]]) -> ObserveResult:
+        res = ObserveResult(rejected=rejected)
+        if z is not None and self.dim is None:
+            self._allocate(z.shape[1] if z.ndim == 2 else 0)
+        if z is not None:
+            bad = (f"embedding is not (n, dim={self.dim})"
+                   if z.ndim != 2 or z.shape[1] != self.dim else "")
+            ok = np.isfinite(z).all(axis=1) if not bad else np.zeros(len(keep), bool)
+            for j in np.flatnonzero(~ok):
+                res.rejected.append((keep[j], bad or "embedding contains NaN or inf"))
+            if not bad:
+                z, labels = z[ok], [lab for lab, o in zip(labels, ok, strict=True) if o]
+            else:
+                z, labels = None, []
+        if res.rejected:
+            self.counters["rejected"] += len(res.rejected)
+            log.warning("rejected %d sample(s): %s", len(res.rejected), res.rejected[0][1])
+        if z is not None and len(labels):
+            t0 = time.perf_counter()
+            self._update(self._prep(z), labels, res)
+            res.update_ms = (time.perf_counter() - t0) * 1e3
+        self.counters["batches"] += 1
+        if self.config.save_every and self.state_path is not None \
+                and self.counters["batches"] % self.config.save_every == 0:
+            self.save()
+        return res
+
+    def _class_indices(self, labels: list[Any], res: ObserveResult) -> np.ndarray:
+        if self.label_kind is None:
+            self.label_kind = self._label_kind(labels[0])
+        index = {name: i for i, name in enumerate(self.labels)}
+        out = np.empty(len(labels), np.int64)
+        for i, label in enumerate(labels):
+            key = str(label)
+            if key not in index:
+                if len(self.labels) >= self.config.max_classes:
+                    raise EdgektError(f"ContinualLearner: more than max_classes="
+                                      f"{self.config.max_classes} labels")
+                index[key] = len(self.labels)
+                self.labels.append(key)
+                res.new_labels.append(key)
+            out[i] = index[key]
+        return out
+
+    def _update(self, z: np.ndarray, labels: list[Any], res: ObserveResult) -> None:
+        assert self.head is not None
+        known_before = len(self.labels)
+        y = self._class_indices(labels, res)
+        self.counters["new_labels"] += len(res.new_labels)
+        self.head.grow(len(self.labels))
+        res.accepted = len(y)
+        self.counters["samples"] += len(y)
+        # Prequential errors: how the current head does on samples it has not learnt yet.
+        if known_before:
+            wrong = self.head.logits(z).argmax(axis=1) != y
+            res.errors = int(wrong.sum())
+            if self.detector is not None:
+                for err in wrong.tolist():
+                    res.drift |= self.detector.update(float(err))
+        if res.drift:
+            self.counters["drift_events"] += 1
+            log.info("drift detected after %d samples: restarting the replay reservoir",
+                     self.counters["samples"])
+            self.head.on_drift(self.config.ncm_window)
+            if self.buffer is not None:
+                self.buffer.restart_reservoir()
+        candidate = copy.deepcopy(self.head)
+        for _ in range(self.config.steps):
+            zs, ys = z, y
+            if self.buffer is not None and self.config.replay_batch and candidate.kind == "softmax":
+                zr, yr = self.buffer.sample(self.config.replay_batch)
+                zs, ys = np.concatenate([z, zr]), np.concatenate([y, yr])
+            candidate.learn(zs, ys, self.config.lr)
+        reason = self._judge(candidate, known_before)
+        if reason:
+            res.rolled_back, res.reason = True, reason
+            self.last_rollback = reason
+            self.counters["updates_rolled_back"] += 1
+            log.warning("update rolled back: %s", reason)
+            return  # the batch is not stored either: replaying it would redo the damage
+        self.head = candidate
+        res.updated = True
+        self.counters["updates_accepted"] += 1
+        if self.buffer is not None:
+            self.buffer.add(z, y)
+
+    def _judge(self, candidate: Head, known_before: int) -> str:
+        """Empty if the candidate may replace the head, else why not."""
+        params = candidate.arrays().values()
+        if not all(np.isfinite(a).all() for a in params):
+            return "candidate head has NaN/inf weights"
+        if not self.config.guard or self.buffer is None or not known_before:
+            return ""
+        zh, yh = self.buffer.holdout_set()
+        old = yh < known_before
+        if old.sum() < self.config.guard_min_holdout:
+            return ""
+        zh, yh = zh[old], yh[old]
+        before = float((self.head.logits(zh).argmax(axis=1) == yh).mean())
+        after = float((candidate.logits(zh).argmax(axis=1) == yh).mean())
+        if after < before - self.config.guard_tolerance:
+            return (f"holdout accuracy on {known_before} known classes would drop from "
+                    f"{before:.3f} to {after:.3f} (tolerance {self.config.guard_tolerance})")
+        return ""
+
+    # ----------------------------------------------------------------- state
+
+    def save(self) -> int:
+        """Commit the whole state atomically; returns the generation written."""
+        if self.state_path is None:
+            raise EdgektError("ContinualLearner.save: no state_path was given")
+        arrays: dict[str, np.ndarray] = {}
+        meta: dict[str, Any] = {
+            "format": STATE_FORMAT, "config": asdict(self.config), "labels": self.labels,
+            "label_kind": self.label_kind, "sample_shape": self.sample_shape, "dim": self.dim,
+            "counters": self.counters, "last_rollback": self.last_rollback,
+            "rng": self.rng.bit_generator.state,
+        }
+        if self.head is not None:
+            arrays.update({f"head/{k}": v for k, v in self.head.arrays().items()})
+        if self.buffer is not None:
+            a, m = self.buffer.get_state()
+            arrays.update({f"buffer/{k}": v for k, v in a.items()})
+            meta["buffer"] = m
+        if self.detector is not None:
+            a, m = self.detector.get_state()
+            arrays.update({f"drift/{k}": v for k, v in a.items()})
+            meta["drift"] = m
+        state = State(arrays, meta, self.generation)
+        self.generation = save_state(self.state_path, state)
+        return self.generation
+
+    def _restore(self, state: State) -> None:
+        meta = state.meta
+        if meta.get("format") != STATE_FORMAT:
+            raise EdgektError(f"{self.state_path}: state format {meta.get('format')}, "
+                              f"this edgekt reads {STATE_FORMAT}")
+        saved = meta["config"]
+        changed = [k for k in LearnerConfig.STRUCTURAL if saved.get(k) != asdict(self.config)[k]]
+        if changed:
+            was = ", ".join(f"{k}={saved[k]!r}" for k in changed)
+            now = ", ".join(f"{k}={getattr(self.config, k)!r}" for k in changed)
+            raise EdgektError(f"{self.state_path}: saved with {was}; this learner has {now}. Use "
+                              "the saved settings, or move the state file away to start afresh.")
+        self.labels, self.label_kind = list(meta["labels"]), meta["label_kind"]
+        self.sample_shape, self.counters = meta["sample_shape"], dict(meta["counters"])
+        self.last_rollback = meta["last_rollback"]
+        self.rng.bit_generator.state = meta["rng"]
+        self.generation = state.generation
+        self.recovered_from = meta.get("_recovered_from")
+        part = {p: {k.split("/", 1)[1]: v for k, v in state.arrays.items() if k.startswith(p + "/")}
+                for p in ("head", "buffer", "drift")}
+        if meta["dim"] is not None:
+            self._allocate(int(meta["dim"]))
+            self.head = HEADS[self.config.head].from_arrays(self.dim, part["head"])
+            if self.buffer is not None:
+                self.buffer.set_state(part["buffer"], meta["buffer"])
+        if self.detector is not None and "drift" in meta:
+            self.detector.set_state(part["drift"], meta["drift"])
+        log.info("resumed continual state generation %d from %s (%d labels, %d samples)",
+                 self.generation, self.state_path, len(self.labels), self.counters["samples"])
+
+    @property
+    def memory_bytes(self) -> int:
+        """Bytes of the learnable state: head parameters plus the replay buffer."""
+        head = sum(a.nbytes for a in self.head.arrays().values()) if self.head else 0
+        return head + (self.buffer.nbytes if self.buffer is not None else 0)
+
+
+__all__ = ["ContinualLearner", "Embedder", "LearnerConfig", "NCMHead", "ObserveResult",
+           "SoftmaxHead", "load_head_npz"]

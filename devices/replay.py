@@ -1,0 +1,160 @@
+"""Class-balanced reservoir buffer of latent features under a fixed byte budget.
+
+Every array is allocated once, at construction, from ``buffer_bytes``; the buffer never grows.
+When it is full, a sample of a class that is not among the largest replaces a random sample
+of the largest class; a sample of a largest class replaces one of its own class with the
+reservoir probability ``count/seen`` (class-balanced reservoir sampling, Chrysakis & Moens,
+ICML 2020). So every class keeps about ``capacity / n_classes`` slots and, within a class, a
+uniform sample of everything it has seen. Latents are float32 or int8 with a per-row scale.
+
+A fraction of the slots is marked *holdout*: never replayed, used to judge a candidate head
+before it replaces the current one (guarded updates).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from edgekt.errors import EdgektError
+
+_LABEL_DTYPE = np.int16
+MAX_CLASSES = 1024
+
+
+def item_bytes(dim: int, int8: bool) -> int:
+    """Bytes one stored sample costs: latent (+ its scale when int8), label and holdout flag."""
+    latent = dim + 4 if int8 else 4 * dim
+    return latent + np.dtype(_LABEL_DTYPE).itemsize + 1
+
+
+class ReplayBuffer:
+    """Latent replay memory; ``nbytes`` never exceeds ``buffer_bytes``.
+
+    Args:
+        dim: embedding size.
+        buffer_bytes: total budget for all arrays (samples and per-class counters).
+        int8: store latents as int8 with a float32 scale per row (4x more samples).
+        holdout_fraction: share of stored samples kept out of replay for guarded updates.
+        max_classes: classes the per-class counters are allocated for.
+        seed: seed of the buffer's own random generator.
+    """
+
+    def __init__(self, dim: int, buffer_bytes: int, *, int8: bool = False,
+                 holdout_fraction: float = 0.1, max_classes: int = 256, seed: int = 0) -> None:
+        if dim <= 0 or buffer_bytes < 0 or not 0.0 <= holdout_fraction < 1.0:
+            raise EdgektError(f"ReplayBuffer: need dim > 0, buffer_bytes >= 0 and 0 <= "
+                              f"holdout_fraction < 1 (got {dim}, {buffer_bytes}, "
+                              f"{holdout_fraction})")
+        if not 0 < max_classes <= MAX_CLASSES:
+            raise EdgektError(f"ReplayBuffer: max_classes must be in 1..{MAX_CLASSES}")
+        self.dim, self.budget, self.int8 = dim, int(buffer_bytes), int8
+        self.holdout_fraction = holdout_fraction
+        counters = max_classes * (8 + 4)  # seen (int64) + count (int32) per class
+        cap = max(0, (self.budget - counters) // item_bytes(dim, int8))
+        self.latents = np.zeros((cap, dim), np.int8 if int8 else np.float32)
+        self.scales = np.zeros(cap if int8 else 0, np.float32)
+        self.labels = np.full(cap, -1, _LABEL_DTYPE)
+        self.holdout = np.zeros(cap, bool)
+        self.seen = np.zeros(max_classes, np.int64)
+        self.counts = np.zeros(max_classes, np.int32)
+        self.size = 0
+        self.rng = np.random.default_rng(seed)
+        if cap and self.nbytes > self.budget:  # the arithmetic above guarantees this
+            raise AssertionError("replay buffer sized past its budget")
+
+    @property
+    def capacity(self) -> int:
+        return len(self.labels)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the buffer's arrays (constant: everything is preallocated)."""
+        arrays = (self.latents, self.scales, self.labels, self.holdout, self.seen, self.counts)
+        return sum(a.nbytes for a in arrays)
+
+    def _encode(self, z: np.ndarray, slot: int) -> None:
+        if self.int8:
+            scale = float(np.abs(z).max()) / 127.0 or 1.0
+            self.latents[slot] = np.clip(np.rint(z / scale), -127, 127)
+            self.scales[slot] = scale
+        else:
+            self.latents[slot] = z
+
+    def _decode(self, idx: np.ndarray) -> np.ndarray:
+        if self.int8:
+            return self.latents[idx].astype(np.float32) * self.scales[idx, None]
+        return self.latents[idx]
+
+    def _random_slot_of(self, cls: int) -> int:
+        # Rejection sampling: cls is a largest class here, so this takes ~n_classes draws.
+        while True:
+            j = int(self.rng.integers(self.size))
+            if self.labels[j] == cls:
+                return j
+
+    def add(self, z: np.ndarray, y: np.ndarray) -> int:
+        """Offer samples ``z`` (n, dim) with class indices ``y``; returns how many were stored."""
+        if self.capacity == 0:
+            return 0
+        if int(np.max(y, initial=0)) >= len(self.seen):
+            raise EdgektError(f"ReplayBuffer: class index {int(np.max(y))} >= max_classes "
+                              f"{len(self.seen)}; create the learner with a larger max_classes")
+        stored = 0
+        for zi, c in zip(z, y.tolist(), strict=True):
+            self.seen[c] += 1
+            if self.size < self.capacity:
+                slot = self.size
+                self.size += 1
+            else:
+                largest = int(self.counts.argmax())
+                if self.counts[c] < self.counts[largest]:
+                    slot = self._random_slot_of(largest)
+                elif self.rng.random() * self.seen[c] < self.counts[c]:
+                    slot = self._random_slot_of(c)
+                else:
+                    continue
+                self.counts[self.labels[slot]] -= 1
+            self._encode(zi, slot)
+            self.labels[slot] = c
+            self.counts[c] += 1
+            self.holdout[slot] = self.rng.random() < self.holdout_fraction
+            stored += 1
+        return stored
+
+    def sample(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Up to ``n`` replay samples (never holdout ones), drawn uniformly without replacement."""
+        train = np.flatnonzero(~self.holdout[: self.size])
+        if len(train) == 0 or n <= 0:
+            return np.zeros((0, self.dim), np.float32), np.zeros(0, np.int64)
+        idx = self.rng.choice(train, size=min(n, len(train)), replace=False)
+        return self._decode(idx), self.labels[idx].astype(np.int64)
+
+    def holdout_set(self) -> tuple[np.ndarray, np.ndarray]:
+        """All holdout samples (latents, class indices)."""
+        idx = np.flatnonzero(self.holdout[: self.size])
+        return self._decode(idx), self.labels[idx].astype(np.int64)
+
+    def restart_reservoir(self) -> None:
+        """After a drift: count each class as newly filled, so new samples replace old ones fast."""
+        self.seen[:] = self.counts
+
+    def get_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        arrays = {"latents": self.latents, "scales": self.scales, "labels": self.labels,
+                  "holdout": self.holdout, "seen": self.seen, "counts": self.counts}
+        meta = {"size": self.size, "rng": self.rng.bit_generator.state}
+        return arrays, meta
+
+    def set_state(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+        """Restore a saved buffer; its arrays must match this buffer's layout exactly."""
+        for name, current in self.get_state()[0].items():
+            got = arrays.get(name)
+            if got is None or got.shape != current.shape or got.dtype != current.dtype:
+                raise EdgektError(
+                    f"replay buffer state: {name} is {None if got is None else got.shape} "
+                    f"{None if got is None else got.dtype}, this buffer needs {current.shape} "
+                    f"{current.dtype} (buffer_bytes/int8/dim changed since it was saved?)")
+            current[...] = got
+        self.size = int(meta["size"])
+        self.rng.bit_generator.state = meta["rng"]
