@@ -1,0 +1,90 @@
+"""Find the model files of an export: a directory with ``manifest.json``, or a single file."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgekt.errors import EdgektError
+
+MODEL_SUFFIXES = (".onnx", ".xml")
+_RUNTIME_OF_SUFFIX = {".onnx": "onnxruntime", ".xml": "openvino"}
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """One model file of an export, as listed in its manifest (or guessed from the file)."""
+
+    path: Path
+    runtime: str
+    precision: str | None = None
+    part: str | None = None
+    info: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    """The manifest entry as written (accuracy, sha256, ...)."""
+
+    def files(self) -> list[Path]:
+        """Every file needed to open it (an IR's ``.bin`` too)."""
+        if self.path.suffix.lower() == ".xml":
+            return [self.path, self.path.with_suffix(".bin")]
+        return [self.path]
+
+
+def find_artifacts(path: str | Path) -> list[Artifact]:
+    """All artifacts at ``path`` (an export directory or one model file)."""
+    path = Path(path)
+    if not path.exists():
+        raise EdgektError(f"{path}: no such file or directory")
+    if path.is_file():
+        if path.suffix.lower() not in MODEL_SUFFIXES:
+            raise EdgektError(f"{path}: not a model file; expected an .onnx or OpenVINO .xml file "
+                              "or an export directory (with manifest.json)")
+        return [Artifact(path, _RUNTIME_OF_SUFFIX[path.suffix.lower()])]
+    manifest = path / "manifest.json"
+    if manifest.is_file():
+        return _from_manifest(manifest)
+    found = sorted(p for p in path.iterdir() if p.suffix.lower() in MODEL_SUFFIXES)
+    if not found:
+        raise EdgektError(f"{path}: no manifest.json and no .onnx/.xml model in this directory")
+    return [Artifact(p, _RUNTIME_OF_SUFFIX[p.suffix.lower()]) for p in found]
+
+
+def _from_manifest(manifest: Path) -> list[Artifact]:
+    try:
+        raw = json.loads(manifest.read_text())
+        entries = raw["artifacts"]
+        out = []
+        for entry in entries:
+            runtime = entry.get("runtime") or _RUNTIME_OF_SUFFIX.get(
+                Path(entry["file"]).suffix.lower(), "onnxruntime")
+            out.append(Artifact(manifest.parent / entry["file"], runtime, entry.get("precision"),
+                                entry.get("part"), dict(entry)))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise EdgektError(f"{manifest}: not a valid edgekt manifest ({type(exc).__name__}: {exc}); "
+                          "expected {\"artifacts\": [{\"file\": ..., \"runtime\": ...}]}") from None
+    if not out:
+        raise EdgektError(f"{manifest}: lists no artifacts")
+    return out
+
+
+def select_artifact(artifacts: list[Artifact], backend: str, *, precision: str | None = None,
+                    part: str | None = None) -> Artifact:
+    """The artifact ``backend`` should open: its native format first, then ONNX (OpenVINO reads
+    ONNX too); the classifier before the embedding part and fp32 before other precisions unless
+    asked otherwise."""
+    def ok(a: Artifact) -> bool:
+        return ((precision is None or a.precision in (None, precision))
+                and (part is None or a.part in (None, part)))
+
+    native = [a for a in artifacts if a.runtime == backend and ok(a)]
+    fallback = [a for a in artifacts if a.path.suffix.lower() == ".onnx" and ok(a)] \
+        if backend == "openvino" else []
+    pool = native or fallback
+    if not pool:
+        have = ", ".join(f"{a.path.name} ({a.runtime}, {a.precision or '?'}, {a.part or '?'})"
+                         for a in artifacts)
+        want = ", ".join(x for x in (backend, precision, part) if x)
+        raise EdgektError(f"no artifact for {want} in this export (it has: {have})")
+    return min(pool, key=lambda a: (a.part not in (None, "classifier"),
+                                    a.precision not in (None, "fp32")))

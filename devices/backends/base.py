@@ -1,0 +1,93 @@
+"""The contract every runtime backend meets (one module per runtime, nncf-style)."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+
+from edgekt.errors import EdgektError
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Name, static shape (-1 for a dynamic dimension) and numpy dtype of a model input."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+
+class Backend(ABC):
+    """An opened model on one runtime. ``run`` must be safe to call from several threads."""
+
+    name: ClassVar[str]
+    """Registry name (``onnxruntime``, ``openvino``)."""
+    module: ClassVar[str]
+    """The Python module the runtime needs (for the install hint)."""
+    pip: ClassVar[str]
+    """``pip install`` argument that provides it."""
+    suffixes: ClassVar[tuple[str, ...]]
+    """Model file suffixes this runtime opens."""
+
+    def __init__(self, path: Path, *, threads: int | None = None, target: str = "CPU") -> None:
+        self.path = Path(path)
+        self.threads = threads
+        self.target = target
+
+    @staticmethod
+    @abstractmethod
+    def version() -> str:
+        """Version of the runtime library (imports it)."""
+
+    @property
+    @abstractmethod
+    def input(self) -> TensorInfo:
+        """The model's (single) input."""
+
+    @property
+    @abstractmethod
+    def output_names(self) -> list[str]:
+        """Names of the outputs, in order."""
+
+    @abstractmethod
+    def metadata(self) -> str | None:
+        """The JSON string stored under the ``edgekt`` key, or None when absent."""
+
+    @abstractmethod
+    def run(self, x: np.ndarray) -> list[np.ndarray]:
+        """Run one batch; returns all outputs (copies the caller may keep)."""
+
+    @abstractmethod
+    def bind(self, x: np.ndarray) -> Callable[[], object]:
+        """A zero-argument callable running ``x`` with the least overhead the runtime allows.
+
+        The profiler times this in its loop, so the measurement is the model, not our wrapper.
+        """
+
+    def settings(self) -> dict[str, object]:
+        """Runtime settings worth recording beside a measurement."""
+        return {"threads": self.threads if self.threads else "default", "target": self.target}
+
+
+def import_runtime(module: str, pip: str):
+    """Import a runtime module or raise an error saying how to install it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise MissingRuntimeError(module, pip, str(exc)) from None
+
+
+class MissingRuntimeError(EdgektError):
+    """The runtime library is not installed in this Python."""
+
+    def __init__(self, module: str, pip: str, detail: str = "") -> None:
+        self.module, self.pip = module, pip
+        super().__init__(f"{module} is not installed in this Python ({detail}); install it with: "
+                         f"python -m pip install {pip}")

@@ -1,0 +1,109 @@
+"""OpenVINO backend: IR (``.xml`` + ``.bin``) or ONNX files, on CPU, GPU or NPU."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from edgekt.devices.backends.base import Backend, TensorInfo, import_runtime
+
+from edgekt.errors import EdgektError
+
+
+def _ov():
+    return import_runtime("openvino", "openvino")
+
+
+class OpenVinoBackend(Backend):
+    name = "openvino"
+    module = "openvino"
+    pip = "openvino"
+    suffixes = (".xml", ".onnx")
+
+    def __init__(self, path: Path, *, threads: int | None = None, target: str = "CPU") -> None:
+        super().__init__(path, threads=threads, target=target)
+        ov = _ov()
+        if not self.path.is_file():
+            raise EdgektError(f"{self.path}: no such model file")
+        if self.path.suffix.lower() == ".xml" and not self.path.with_suffix(".bin").is_file():
+            raise EdgektError(f"{self.path}: the weights file {self.path.with_suffix('.bin').name} "
+                              "is missing beside it")
+        core = ov.Core()
+        if target.split(".")[0] not in {d.split(".")[0] for d in core.available_devices}:
+            raise EdgektError(f"OpenVINO device {target!r} is not available here (available: "
+                              f"{', '.join(core.available_devices)})")
+        try:
+            self.model = core.read_model(str(self.path))
+        except Exception as exc:  # OpenVINO raises RuntimeError subclasses with the parser's text
+            raise EdgektError(f"{self.path}: OpenVINO cannot read it as a model (truncated, "
+                              f"corrupt or not a model?): {exc}") from None
+        if len(self.model.inputs) != 1:
+            raise EdgektError(f"{self.path}: edgekt runs single-input models; this one has "
+                              f"{len(self.model.inputs)} inputs")
+        port = self.model.inputs[0]
+        pshape = port.get_partial_shape()
+        shape = tuple(d.get_length() if d.is_static else -1 for d in pshape)
+        self._input = TensorInfo(port.get_any_name(), shape,
+                                 np.dtype(port.get_element_type().to_dtype()).name)
+        self._outputs = [o.get_any_name() for o in self.model.outputs]
+        # Latency hint, one stream: what a single-request application on a device does.
+        config: dict[str, object] = {"PERFORMANCE_HINT": "LATENCY"}
+        if threads and target == "CPU":
+            config["INFERENCE_NUM_THREADS"] = threads
+        self.compiled = core.compile_model(self.model, target, config)
+        self._local = threading.local()
+
+    @staticmethod
+    def version() -> str:
+        return str(_ov().get_version())
+
+    @property
+    def input(self) -> TensorInfo:
+        return self._input
+
+    @property
+    def output_names(self) -> list[str]:
+        return list(self._outputs)
+
+    def metadata(self) -> str | None:
+        # IR written by edgekt: rt_info["edgekt"]; ONNX read directly: its metadata_props land
+        # under rt_info["framework"].
+        for path in (["edgekt"], ["framework", "edgekt"]):
+            if self.model.has_rt_info(path):
+                return self.model.get_rt_info(path).astype(str)
+        return None
+
+    def _request(self):
+        # An InferRequest is not thread-safe; each thread gets its own.
+        req = getattr(self._local, "request", None)
+        if req is None:
+            req = self._local.request = self.compiled.create_infer_request()
+        return req
+
+    def run(self, x: np.ndarray) -> list[np.ndarray]:
+        req = self._request()
+        req.infer({0: x})
+        return [req.get_output_tensor(i).data.copy() for i in range(len(self._outputs))]
+
+    def bind(self, x: np.ndarray) -> Callable[[], object]:
+        ov = _ov()
+        req = self.compiled.create_infer_request()
+        req.set_input_tensor(ov.Tensor(np.ascontiguousarray(x)))
+        return req.infer
+
+    def settings(self) -> dict[str, object]:
+        props = {}
+        for key in ("INFERENCE_NUM_THREADS", "NUM_STREAMS", "PERFORMANCE_HINT",
+                    "INFERENCE_PRECISION_HINT"):
+            try:
+                value = self.compiled.get_property(key)
+            except Exception:  # not every device exposes every property
+                continue
+            props[key.lower()] = (value.get_type_name() if hasattr(value, "get_type_name")
+                                  else str(value))
+        return {**super().settings(), **props}
+
+
+BACKEND = OpenVinoBackend

@@ -1,0 +1,454 @@
+"""On-device few-shot classification: enroll new classes from a few images, no backprop.
+
+A ``PrototypeClassifier`` sits on an exported embedding model (anything with
+``embed(raw) -> (N, D) array``, e.g. ``edgekt.devices.EdgeModel``). Each class is the running
+mean ("prototype") of its enrolled embeddings; a query gets the nearest prototype's label, or
+``None`` ("unknown") when that prototype is farther than a threshold calibrated on the base
+classes. Labels are arbitrary non-empty strings.
+
+Policies (documented because an app depends on them):
+
+* **Re-enrolling a label extends it**: the new shots are folded into the running mean as if
+  all shots had been enrolled at once (``replace=True`` starts the class over).
+* **Persistence**: every change (enroll, remove, calibrate, threshold) is committed to the
+  state file with ``edgekt.devices.state.save_state`` (temp file, fsync, rename, previous
+  generation kept as ``.prev``) *before* the call returns, so a returned enrollment survives a
+  SIGKILL or power cut. The state is reloaded on start.
+* **A damaged state file is refused** (``StateCorruptError``), never replaced by an empty
+  classifier. When the previous generation is intact, ``recover=True`` restores it (the damaged
+  file is kept beside it as ``NAME.corrupt``); it then lacks only the last change.
+
+The maths is shared with host-side evaluation (``edgekt.fewshot.evaluate``), so a host
+benchmark and the device agree by construction.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import numpy as np
+from edgekt.devices.state import State, StateCorruptError, load_state, save_state
+
+from edgekt.errors import EdgektError
+
+log = logging.getLogger(__name__)
+
+Metric = Literal["euclidean", "cosine"]
+Transform = Literal["none", "l2", "cl2n"]
+FORMAT = "edgekt.fewshot/1"
+METRICS = ("euclidean", "cosine")
+TRANSFORMS = ("none", "l2", "cl2n")
+
+
+class Embedder(Protocol):
+    """What the classifier needs from a model: raw samples (N, ...) -> embeddings (N, D)."""
+
+    def embed(self, raw: np.ndarray) -> np.ndarray: ...
+
+
+# ---- pure functions (shared with the host evaluation) -------------------------------------------
+def transform_embeddings(emb: np.ndarray, transform: str, center: np.ndarray | None = None
+                         ) -> np.ndarray:
+    """Apply the feature transform: ``none``, ``l2`` (unit length) or ``cl2n`` (SimpleShot:
+    subtract the base-class mean ``center``, then unit length)."""
+    x = np.asarray(emb, dtype=np.float64)
+    if transform == "cl2n":
+        if center is None:
+            raise EdgektError("transform 'cl2n' needs the base-class mean embedding (center)")
+        x = x - center
+    if transform in ("l2", "cl2n"):
+        x = x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+    elif transform != "none":
+        raise EdgektError(f"unknown embedding transform {transform!r} (valid: {TRANSFORMS})")
+    return x
+
+
+def distances(queries: np.ndarray, prototypes: np.ndarray, metric: str) -> np.ndarray:
+    """(Q, D) x (N, D) -> (Q, N): squared Euclidean distance, or cosine distance 1 - cos."""
+    q, p = np.asarray(queries, np.float64), np.asarray(prototypes, np.float64)
+    if metric == "cosine":
+        qn = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
+        pn = p / np.maximum(np.linalg.norm(p, axis=1, keepdims=True), 1e-12)
+        return 1.0 - qn @ pn.T
+    if metric != "euclidean":
+        raise EdgektError(f"unknown metric {metric!r} (valid: {METRICS})")
+    d = (q * q).sum(1)[:, None] - 2.0 * q @ p.T + (p * p).sum(1)[None, :]
+    return np.maximum(d, 0.0)
+
+
+def class_means(emb: np.ndarray, labels: np.ndarray, n_classes: int) -> np.ndarray:
+    """Prototypes: the mean embedding of each class 0..n_classes-1."""
+    sums = np.zeros((n_classes, emb.shape[1]))
+    np.add.at(sums, labels, emb)
+    return sums / np.maximum(np.bincount(labels, minlength=n_classes), 1)[:, None]
+
+
+@dataclass(frozen=True)
+class OpenSetRates:
+    """Open-set rejection quality of a threshold."""
+
+    threshold: float
+    false_accept_rate: float
+    """Share of samples from classes *not* enrolled that were accepted (given a label)."""
+    false_reject_rate: float
+    """Share of samples from enrolled classes that were rejected as unknown."""
+    n_known: int
+    n_unknown: int
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: float(v) for k, v in vars(self).items()}
+
+
+def open_set_trials(emb: np.ndarray, labels: np.ndarray, *, shots: int, metric: str,
+                    trials: int = 20, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest-prototype distances of known and unknown samples over random trials.
+
+    Each trial enrolls half of the classes from ``shots`` random samples each; the other
+    samples of enrolled classes are "known" queries, all samples of the other classes
+    "unknown" ones. Needs at least 2 classes and more than ``shots`` samples per class.
+    """
+    classes = np.unique(labels)
+    if len(classes) < 2:
+        raise EdgektError(f"open-set calibration needs samples of >= 2 classes, got {len(classes)}")
+    counts = {int(c): int((labels == c).sum()) for c in classes}
+    short = {c: n for c, n in counts.items() if n <= shots}
+    if short:
+        raise EdgektError(f"open-set calibration with {shots} shots needs more than {shots} "
+                          f"samples per class; class: count {short}")
+    rng = np.random.default_rng(seed)
+    known, unknown = [], []
+    n_enroll = max(1, len(classes) // 2)
+    for _ in range(trials):
+        enrolled = rng.permutation(classes)[:n_enroll]
+        protos, query_mask = [], np.zeros(len(labels), bool)
+        for c in enrolled:
+            idx = rng.permutation(np.flatnonzero(labels == c))
+            protos.append(emb[idx[:shots]].mean(0))
+            query_mask[idx[shots:]] = True
+        d = distances(emb, np.stack(protos), metric).min(1)
+        known.append(d[query_mask])
+        unknown.append(d[~np.isin(labels, enrolled)])
+    return np.concatenate(known), np.concatenate(unknown)
+
+
+def rates_at(threshold: float, known: np.ndarray, unknown: np.ndarray) -> OpenSetRates:
+    """False-accept and false-reject rates when distances above ``threshold`` are rejected."""
+    return OpenSetRates(float(threshold), float((unknown <= threshold).mean()),
+                        float((known > threshold).mean()), len(known), len(unknown))
+
+
+def calibrate(emb: np.ndarray, labels: np.ndarray, *, shots: int = 5, metric: str = "euclidean",
+              target_frr: float = 0.05, trials: int = 20, seed: int = 0) -> OpenSetRates:
+    """Pick the distance threshold that rejects ``target_frr`` of known samples.
+
+    ``emb`` must already be transformed (``transform_embeddings``) as the classifier will.
+    """
+    if not 0.0 <= target_frr < 1.0:
+        raise EdgektError(f"target_frr must be in [0, 1), got {target_frr}")
+    known, unknown = open_set_trials(emb, labels, shots=shots, metric=metric, trials=trials,
+                                     seed=seed)
+    return rates_at(float(np.quantile(known, 1.0 - target_frr)), known, unknown)
+
+
+# ---- the classifier -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Prediction:
+    """Result of ``PrototypeClassifier.predict``."""
+
+    label: str | None
+    """The predicted label, or None when rejected as unknown (nearest prototype too far)."""
+    nearest: str
+    """The nearest enrolled label (even when rejected)."""
+    distance: float
+    """Distance to the nearest prototype (squared Euclidean or cosine distance)."""
+    score: float
+    """Softmax probability of ``nearest`` over all enrolled classes (logits = -scale * d)."""
+
+    @property
+    def known(self) -> bool:
+        return self.label is not None
+
+
+class PrototypeClassifier:
+    """Nearest-prototype classifier with incremental enrollment and persisted state.
+
+    Args:
+        embedder: anything with ``embed(raw) -> (N, D)``.
+        state_path: the state file; loaded if it exists, written after every change.
+        metric, transform, center, scale, threshold: settings for a *new* state (a loaded
+            state keeps its own; pass ``recalibrate`` via ``calibrate_threshold`` to change).
+        recover: accept the previous generation when the state file is damaged.
+    """
+
+    def __init__(self, embedder: Embedder, state_path: str | Path, *, metric: Metric = "euclidean",
+                 transform: Transform = "none", center: np.ndarray | None = None,
+                 scale: float = 1.0, threshold: float | None = None, recover: bool = False) -> None:
+        self.embedder = embedder
+        self.path = Path(state_path)
+        self._expected = _expected_sample_shapes(embedder)
+        loaded = self._load(recover)
+        if loaded is None:
+            if metric not in METRICS:
+                raise EdgektError(f"unknown metric {metric!r} (valid: {METRICS})")
+            if transform not in TRANSFORMS:
+                raise EdgektError(f"unknown transform {transform!r} (valid: {TRANSFORMS})")
+            if transform == "cl2n" and center is None:
+                raise EdgektError("transform 'cl2n' needs center= (the base-class mean embedding)")
+            self.metric, self.transform, self.scale = metric, transform, float(scale)
+            self.center = None if center is None else np.asarray(center, np.float64).ravel()
+            self.threshold = None if threshold is None else float(threshold)
+            self._labels: list[str] = []
+            self._protos = np.zeros((0, 0))
+            self._counts = np.zeros(0, np.int64)
+            self.calibration: dict[str, Any] = {}
+            self._generation = 0
+
+    # ---- queries ------------------------------------------------------------------------------
+    def labels(self) -> list[str]:
+        """Enrolled labels, in enrollment order."""
+        return list(self._labels)
+
+    def shots(self, label: str) -> int:
+        """How many samples ``label``'s prototype averages."""
+        return int(self._counts[self._index(label)])
+
+    @property
+    def generation(self) -> int:
+        """Generation of the state last committed (0: never saved)."""
+        return self._generation
+
+    def embed(self, samples: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
+        """Validated raw samples -> transformed embeddings (N, D), float64."""
+        batch = self._as_batch(samples)
+        try:
+            emb = np.asarray(self.embedder.embed(batch))
+        except EdgektError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a runtime's own error types vary by backend
+            raise EdgektError(f"embedding failed for samples of shape {batch.shape[1:]} "
+                              f"(dtype {batch.dtype}): {exc}") from exc
+        if emb.ndim != 2 or emb.shape[0] != len(batch):
+            raise EdgektError(f"embedder returned shape {emb.shape} for {len(batch)} samples; "
+                              f"expected (N, D): is this an embedding model (--part embedding)?")
+        if not np.isfinite(emb).all():
+            raise EdgektError("the embedding of these samples is not finite (NaN/inf); "
+                              "check the input images")
+        if self._protos.size and emb.shape[1] != self._protos.shape[1]:
+            raise EdgektError(f"embedding size {emb.shape[1]} differs from the enrolled "
+                              f"prototypes' {self._protos.shape[1]}: state {self.path} belongs "
+                              f"to another model")
+        if self.center is not None and emb.shape[1] != len(self.center):
+            raise EdgektError(f"embedding size {emb.shape[1]} differs from the calibration "
+                              f"center's {len(self.center)} (state {self.path})")
+        return transform_embeddings(emb, self.transform, self.center)
+
+    def predict(self, x: np.ndarray) -> Prediction:
+        """Classify one sample."""
+        return self.predict_batch([x])[0]
+
+    def predict_batch(self, samples: Sequence[np.ndarray] | np.ndarray) -> list[Prediction]:
+        """Classify several samples (one embedding call)."""
+        if not self._labels:
+            raise EdgektError("no class enrolled yet: enroll at least one label before predict")
+        d = distances(self.embed(samples), self._protos, self.metric)
+        logits = -self.scale * d
+        p = np.exp(logits - logits.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        out = []
+        for row, prob in zip(d, p, strict=True):
+            j = int(row.argmin())
+            far = self.threshold is not None and row[j] > self.threshold
+            out.append(Prediction(None if far else self._labels[j], self._labels[j],
+                                  float(row[j]), float(prob[j])))
+        return out
+
+    # ---- changes (each one committed before returning) ----------------------------------------
+    def enroll(self, label: str, samples: Sequence[np.ndarray] | np.ndarray, *,
+               replace: bool = False) -> int:
+        """Add ``samples`` (raw images, first axis = samples) to ``label``; returns its shot count.
+
+        An existing label is extended: its prototype becomes the mean over old and new shots
+        (``replace=True`` discards the old ones). Nothing changes if any sample is bad.
+        """
+        _check_label(label)
+        emb = self.embed(samples)
+        protos, counts, labels = self._protos, self._counts.copy(), list(self._labels)
+        if not protos.size:
+            protos = np.zeros((0, emb.shape[1]))
+        if label in labels and not replace:
+            j = labels.index(label)
+            n, m = counts[j], len(emb)
+            protos = protos.copy()
+            protos[j] = (protos[j] * n + emb.sum(0)) / (n + m)
+            counts[j] = n + m
+        elif label in labels:
+            j = labels.index(label)
+            protos = protos.copy()
+            protos[j], counts[j] = emb.mean(0), len(emb)
+        else:
+            protos = np.concatenate([protos, emb.mean(0, keepdims=True)])
+            counts = np.append(counts, len(emb))
+            labels.append(label)
+        self._commit(labels, protos, counts)
+        return int(counts[labels.index(label)])
+
+    def remove(self, label: str) -> None:
+        """Forget ``label`` (EdgektError if it is not enrolled)."""
+        j = self._index(label)
+        keep = [i for i in range(len(self._labels)) if i != j]
+        self._commit([self._labels[i] for i in keep], self._protos[keep], self._counts[keep])
+
+    def set_threshold(self, threshold: float | None) -> None:
+        """Set the rejection distance (None: never reject)."""
+        if threshold is not None and not (np.isfinite(threshold) and threshold >= 0):
+            raise EdgektError(f"threshold must be a finite distance >= 0 or None, got {threshold}")
+        old = self.threshold
+        self.threshold = None if threshold is None else float(threshold)
+        try:
+            self._commit(self._labels, self._protos, self._counts)
+        except BaseException:
+            self.threshold = old
+            raise
+
+    def calibrate_threshold(self, samples: Sequence[np.ndarray] | np.ndarray,
+                            labels: Sequence[Any], *, shots: int = 5, target_frr: float = 0.05,
+                            trials: int = 20, seed: int = 0) -> OpenSetRates:
+        """Calibrate the unknown-rejection threshold on labelled base-class samples.
+
+        Simulates enrolling half of the classes from ``shots`` samples and sets the threshold
+        that wrongly rejects ``target_frr`` of their other samples; returns the false-accept
+        and false-reject rates measured in that simulation (base classes, so optimistic for
+        novel ones; ``edgekt fewshot eval`` measures them on novel classes). Enrolled classes
+        are untouched.
+        """
+        y = np.asarray(labels)
+        emb = self.embed(samples)
+        if len(y) != len(emb):
+            raise EdgektError(f"{len(emb)} samples but {len(y)} labels")
+        _, codes = np.unique(y, return_inverse=True)
+        rates = calibrate(emb, codes, shots=shots, metric=self.metric, target_frr=target_frr,
+                          trials=trials, seed=seed)
+        old = (self.threshold, self.calibration)
+        self.threshold = rates.threshold
+        self.calibration = {**rates.as_dict(), "shots": shots, "target_frr": target_frr,
+                            "trials": trials}
+        try:
+            self._commit(self._labels, self._protos, self._counts)
+        except BaseException:
+            self.threshold, self.calibration = old
+            raise
+        return rates
+
+    # ---- state ---------------------------------------------------------------------------------
+    def _commit(self, labels: list[str], protos: np.ndarray, counts: np.ndarray) -> None:
+        """Write the new state, then adopt it in memory (a failed write changes nothing)."""
+        arrays = {"prototypes": np.asarray(protos, np.float64),
+                  "counts": np.asarray(counts, np.int64)}
+        if self.center is not None:
+            arrays["center"] = self.center
+        meta = {"format": FORMAT, "labels": labels, "metric": self.metric,
+                "transform": self.transform, "scale": self.scale, "threshold": self.threshold,
+                "calibration": self.calibration, "saved_at": time.time()}
+        self._generation = save_state(self.path, State(arrays, meta, self._generation))
+        self._labels, self._protos, self._counts = list(labels), arrays["prototypes"], \
+            arrays["counts"]
+
+    def _load(self, recover: bool) -> State | None:
+        state = load_state(self.path)
+        if state is None:
+            return None
+        source = state.meta.pop("_recovered_from", None)
+        if source is not None:
+            if not recover:
+                raise StateCorruptError(
+                    f"{self.path} is damaged; the previous generation {source} is intact but "
+                    f"lacks the last change. Refusing to guess: pass recover=True (CLI: "
+                    f"--recover) to restore it, or inspect/move the files yourself.")
+            corrupt = self.path.with_name(self.path.name + ".corrupt")
+            if self.path.exists():
+                os.replace(self.path, corrupt)
+            log.warning("%s was damaged: kept as %s, restored generation %d from %s",
+                        self.path, corrupt, state.generation, source)
+        self._adopt(state)
+        if source is not None:
+            self._commit(self._labels, self._protos, self._counts)
+        return state
+
+    def _adopt(self, state: State) -> None:
+        m, a = state.meta, state.arrays
+        try:
+            if m.get("format") != FORMAT:
+                raise ValueError(f"format {m.get('format')!r}, expected {FORMAT!r}")
+            labels = [str(s) for s in m["labels"]]
+            protos, counts = a["prototypes"], a["counts"]
+            if len(labels) != len(protos) or len(labels) != len(counts):
+                raise ValueError(f"{len(labels)} labels, {len(protos)} prototypes, "
+                                 f"{len(counts)} counts")
+            if m["metric"] not in METRICS or m["transform"] not in TRANSFORMS:
+                raise ValueError(f"metric {m['metric']!r} / transform {m['transform']!r}")
+            self.metric, self.transform = m["metric"], m["transform"]
+            self.scale = float(m["scale"])
+            self.threshold = None if m["threshold"] is None else float(m["threshold"])
+            self.calibration = dict(m.get("calibration") or {})
+            self.center = a.get("center")
+        except (KeyError, ValueError, TypeError) as exc:
+            raise StateCorruptError(f"{self.path}: not a valid few-shot classifier state "
+                                    f"({exc}); refusing to start empty over it") from None
+        self._labels, self._protos, self._counts = labels, protos, counts
+        self._generation = state.generation
+
+    def _index(self, label: str) -> int:
+        try:
+            return self._labels.index(label)
+        except ValueError:
+            raise EdgektError(f"label {label!r} is not enrolled (enrolled: {self._labels})"
+                              ) from None
+
+    def _as_batch(self, samples: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
+        if isinstance(samples, np.ndarray):
+            batch = samples
+        else:
+            items = [np.asarray(s) for s in samples]
+            if not items:
+                raise EdgektError("no samples given: enroll/predict need at least one image")
+            shapes = {s.shape for s in items}
+            if len(shapes) > 1:
+                raise EdgektError(f"samples have different shapes {sorted(shapes)}; resize them "
+                                  f"to the model's input size first")
+            batch = np.stack(items)
+        if batch.ndim < 2 or len(batch) == 0:
+            raise EdgektError(f"no samples given (array of shape {batch.shape}): pass a sequence "
+                              f"of images or an array whose first axis indexes samples")
+        if self._expected and batch.shape[1:] not in self._expected:
+            raise EdgektError(f"sample shape {batch.shape[1:]} does not fit the model; expected "
+                              f"one of {sorted(self._expected)} (one image per entry)")
+        if batch.dtype.kind == "f" and not np.isfinite(batch).all():
+            raise EdgektError("samples contain NaN or infinite values")
+        if batch.dtype.kind not in "uif":
+            raise EdgektError(f"samples must be numeric images, got dtype {batch.dtype}")
+        return batch
+
+
+def _check_label(label: object) -> None:
+    if not isinstance(label, str) or not label.strip():
+        raise EdgektError(f"a label must be a non-empty string, got {label!r}")
+
+
+def _expected_sample_shapes(embedder: Embedder) -> set[tuple[int, ...]]:
+    """Per-sample shapes the embedder's metadata allows (empty: unknown, let it check)."""
+    meta = getattr(embedder, "meta", None)
+    pre = getattr(meta, "preprocess", None)
+    if pre is None:
+        return set()
+    h, w = pre.image_size
+    c = pre.channels
+    shapes = {(h, w, c)}
+    if c == 1:
+        shapes.add((h, w))
+    return shapes
