@@ -227,6 +227,7 @@ class Trainer:
     def _end_epoch(self, seconds: float) -> dict[str, Any]:
         r = self.running
         val = evaluate(self.model, self.val_loader, self.rt)
+        val.update(self.task.extra_metrics(self.model, "val"))  # may override loss/acc
         row = {
             "epoch": self.epoch + 1, "step": self.step,
             "train_loss": r["loss"] / max(r["seen"], 1),
@@ -235,6 +236,7 @@ class Trainer:
             "lr": self.opt.param_groups[0]["lr"],
             "epoch_seconds": seconds, "images_per_s": r["seen"] * self.rt.world / max(seconds, 1e-9),
         }
+        row.update({f"val_{k}": v for k, v in val.items() if k not in ("loss", "acc")})
         if self.rt.is_main:
             console.print(
                 f"epoch {row['epoch']}/{self.cfg.train.epochs}  train_loss {row['train_loss']:.4f}"
@@ -256,8 +258,10 @@ class Trainer:
         test_loader = make_loader(self.splits.test, self.splits.info, self.cfg.data, train=False,
                                   rank=self.rt.rank, world=self.rt.world)
         test = evaluate(self.model, test_loader, self.rt)
+        test.update(self.task.extra_metrics(self.model, "test"))
         metrics = {**last_row, "test_loss": test["loss"], "test_acc": test["acc"],
                    "best_val_acc": self.best_acc, "params": count_params(self.model)}
+        metrics.update({f"test_{k}": v for k, v in test.items() if k not in ("loss", "acc")})
         if self.rt.is_main:
             self.save("last.pt", metrics)
             (self.run_dir / "summary.json").write_text(json.dumps(metrics, indent=2))

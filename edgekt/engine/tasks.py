@@ -52,6 +52,12 @@ class Task(nn.Module):
         """What the saved checkpoint should record about this method."""
         return {"method": self.cfg.method}
 
+    def extra_metrics(self, model: nn.Module, split: str) -> dict[str, float]:
+        """Method-specific metrics on ``split`` ("val" or "test"), e.g. per-task or target-domain
+        accuracy; the loop logs them as ``{split}_{name}``. Returning ``acc``/``loss`` replaces
+        the loop's own (``model(x)`` on the split), which also selects ``best.pt``."""
+        return {}
+
 
 @METHODS.register("supervised")
 class SupervisedTask(Task):

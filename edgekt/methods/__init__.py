@@ -1,1 +1,6 @@
-"""The seed's other knowledge-transfer methods: siamese/matching/relation nets, MAML, multi-task, DANN."""
+"""The seed's other knowledge-transfer methods: siamese, matching, relation, MAML, multi-task, DANN.
+
+Importing this package registers the methods in ``edgekt.engine.tasks.METHODS``.
+"""
+
+from edgekt.methods import multitask  # noqa: F401  (registration)
