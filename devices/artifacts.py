@@ -24,8 +24,23 @@ class Artifact:
     info: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
     """The manifest entry as written (accuracy, sha256, ...)."""
 
+    @property
+    def runtime_config(self) -> dict[str, Any]:
+        """Settings the exporter validated parity with (e.g. OpenVINO's f32 precision hint)."""
+        return dict(self.info.get("runtime_config") or {})
+
+    @property
+    def accuracy(self) -> float | None:
+        """Test (else validation) accuracy the exporter measured for this artifact."""
+        parity = self.info.get("parity") or {}
+        value = parity.get("test_acc", parity.get("val_acc", self.info.get("accuracy")))
+        return float(value) if value is not None else None
+
     def files(self) -> list[Path]:
         """Every file needed to open it (an IR's ``.bin`` too)."""
+        if self.info.get("files"):
+            names = [self.path.name] + [f for f in self.info["files"] if f != self.path.name]
+            return [self.path.parent / f for f in names]
         if self.path.suffix.lower() == ".xml":
             return [self.path, self.path.with_suffix(".bin")]
         return [self.path]

@@ -47,7 +47,7 @@ class EdgeModel:
     @classmethod
     def load(cls, path: str | Path, backend: str | None = None, threads: int | None = None, *,
              precision: str | None = None, part: str | None = None,
-             target: str = "CPU") -> EdgeModel:
+             target: str = "CPU", config: dict[str, Any] | None = None) -> EdgeModel:
         """Open an export directory (``manifest.json``) or one ``.onnx``/``.xml`` file.
 
         Args:
@@ -57,6 +57,8 @@ class EdgeModel:
             precision: pick this precision from an export directory (``fp32``, ``int8``, ...).
             part: ``classifier`` or ``embedding`` from an export directory.
             target: execution device (OpenVINO: ``CPU``, ``GPU``, ``NPU``).
+            config: runtime settings (default: the manifest's ``runtime_config`` for the
+                artifact's own runtime).
         """
         artifacts = find_artifacts(path)
         if backend is None:
@@ -64,7 +66,10 @@ class EdgeModel:
                        else default_backend(artifacts[0].path))
         name = canonical_name(backend)
         chosen = select_artifact(artifacts, name, precision=precision, part=part)
-        opened = open_backend(chosen.path, name, threads=threads, target=target)
+        # The exporter's runtime_config applies to the runtime it was validated on.
+        if config is None and chosen.runtime == name:
+            config = chosen.runtime_config
+        opened = open_backend(chosen.path, name, threads=threads, target=target, config=config)
         return cls(opened, artifact=chosen, siblings=artifacts)
 
     # -- description -----------------------------------------------------------------------
@@ -152,7 +157,8 @@ class EdgeModel:
                     raise EdgektError(
                         f"{self.artifact.path.name} is a classifier and its export has no "
                         "embedding part; export with the embedding part to use embed()")
-                backend = open_backend(chosen.path, self.backend.name,
+                config = chosen.runtime_config if chosen.runtime == self.backend.name else None
+                backend = open_backend(chosen.path, self.backend.name, config=config,
                                        threads=self.backend.threads, target=self.backend.target)
                 self._embedder = EdgeModel(backend, artifact=chosen, siblings=self._siblings)
             return self._embedder

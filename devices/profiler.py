@@ -12,7 +12,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,8 @@ class ProfileSettings:
     batch: int = 1
     threads: int | None = None
     target: str = "CPU"
+    config: dict[str, Any] = field(default_factory=dict)
+    """Runtime settings (an export's ``runtime_config``, e.g. OpenVINO's precision hint)."""
     e2e: bool = True
     """Also time raw image -> prediction (needs the model's preprocessing metadata)."""
     samples: bool = True
@@ -158,7 +160,7 @@ def profile_model(path: str | Path, backend: str,
     rss0 = rss_mb()["current"]
     clock = time.perf_counter_ns
     t0 = clock()
-    model = EdgeModel.load(path, backend, s.threads, target=s.target)
+    model = EdgeModel.load(path, backend, s.threads, target=s.target, config=s.config or None)
     load_ms = (clock() - t0) / 1e6
     rss_loaded = rss_mb()["current"]
     x = model_input(model, s.batch, rng)

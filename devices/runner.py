@@ -35,6 +35,7 @@ def _parser() -> argparse.ArgumentParser:
     prof.add_argument("--iters", type=int)
     prof.add_argument("--seconds", type=float, default=3.0)
     prof.add_argument("--target", default="CPU")
+    prof.add_argument("--config", default="{}", help="runtime settings as a JSON object")
     prof.add_argument("--no-e2e", action="store_true")
     prof.add_argument("--no-samples", action="store_true")
     sub.add_parser("fingerprint", help="describe this host")
@@ -74,6 +75,7 @@ def _profile(args: argparse.Namespace) -> int:
 
     settings = ProfileSettings(warmup=args.warmup, iters=args.iters, seconds=args.seconds,
                                batch=args.batch, threads=args.threads, target=args.target,
+                               config=json.loads(args.config),
                                e2e=not args.no_e2e, samples=not args.no_samples)
     result = profile_model(args.model, args.backend, settings)
     import edgekt

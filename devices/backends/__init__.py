@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
+from typing import Any
 
 from edgekt.devices.backends.base import Backend, MissingRuntimeError, TensorInfo
 
@@ -40,7 +41,7 @@ def default_backend(path: Path) -> str:
 
 
 def open_backend(path: str | Path, name: str | None = None, *, threads: int | None = None,
-                 target: str = "CPU") -> Backend:
+                 target: str = "CPU", config: dict[str, Any] | None = None) -> Backend:
     """Open ``path`` with backend ``name`` (default: the file's native runtime)."""
     path = Path(path)
     cls = backend_class(name or default_backend(path))
@@ -50,4 +51,4 @@ def open_backend(path: str | Path, name: str | None = None, *, threads: int | No
     if threads is not None and threads < 1:
         raise EdgektError(f"threads must be >= 1 (got {threads}); leave it unset for the "
                           "runtime's default")
-    return cls(path, threads=threads, target=target)
+    return cls(path, threads=threads, target=target, config=config)

@@ -6,7 +6,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -34,10 +34,13 @@ class Backend(ABC):
     suffixes: ClassVar[tuple[str, ...]]
     """Model file suffixes this runtime opens."""
 
-    def __init__(self, path: Path, *, threads: int | None = None, target: str = "CPU") -> None:
+    def __init__(self, path: Path, *, threads: int | None = None, target: str = "CPU",
+                 config: dict[str, Any] | None = None) -> None:
         self.path = Path(path)
         self.threads = threads
         self.target = target
+        self.config = dict(config or {})
+        """Runtime settings recorded by the exporter (``runtime_config`` in the manifest)."""
 
     @staticmethod
     @abstractmethod

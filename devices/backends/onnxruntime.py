@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from edgekt.devices.backends.base import Backend, TensorInfo, import_runtime
@@ -25,14 +26,17 @@ class OnnxRuntimeBackend(Backend):
     pip = "onnxruntime"
     suffixes = (".onnx",)
 
-    def __init__(self, path: Path, *, threads: int | None = None, target: str = "CPU") -> None:
-        super().__init__(path, threads=threads, target=target)
+    def __init__(self, path: Path, *, threads: int | None = None, target: str = "CPU",
+                 config: dict[str, Any] | None = None) -> None:
+        super().__init__(path, threads=threads, target=target, config=config)
         ort = _ort()
         opts = ort.SessionOptions()
         # One intra-op pool sized as asked; inter-op parallelism only adds jitter for CNNs.
         opts.intra_op_num_threads = threads or 0
         opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        for key, value in self.config.items():  # session config entries from the manifest
+            opts.add_session_config_entry(str(key), str(value))
         provider = f"{target}ExecutionProvider"
         if provider not in ort.get_available_providers():
             raise EdgektError(f"onnxruntime target {target!r} is not available here (providers: "

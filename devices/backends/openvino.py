@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from edgekt.devices.backends.base import Backend, TensorInfo, import_runtime
@@ -22,8 +23,9 @@ class OpenVinoBackend(Backend):
     pip = "openvino"
     suffixes = (".xml", ".onnx")
 
-    def __init__(self, path: Path, *, threads: int | None = None, target: str = "CPU") -> None:
-        super().__init__(path, threads=threads, target=target)
+    def __init__(self, path: Path, *, threads: int | None = None, target: str = "CPU",
+                 config: dict[str, Any] | None = None) -> None:
+        super().__init__(path, threads=threads, target=target, config=config)
         ov = _ov()
         if not self.path.is_file():
             raise EdgektError(f"{self.path}: no such model file")
@@ -49,7 +51,7 @@ class OpenVinoBackend(Backend):
                                  np.dtype(port.get_element_type().to_dtype()).name)
         self._outputs = [o.get_any_name() for o in self.model.outputs]
         # Latency hint, one stream: what a single-request application on a device does.
-        config: dict[str, object] = {"PERFORMANCE_HINT": "LATENCY"}
+        config: dict[str, object] = {"PERFORMANCE_HINT": "LATENCY", **self.config}
         if threads and target == "CPU":
             config["INFERENCE_NUM_THREADS"] = threads
         self.compiled = core.compile_model(self.model, target, config)
