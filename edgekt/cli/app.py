@@ -7,7 +7,7 @@ import sys
 import typer
 from rich.console import Console
 
-from edgekt.cli import train
+from edgekt.cli import distill, profile, train
 from edgekt.errors import EdgektError
 
 app = typer.Typer(
@@ -18,10 +18,13 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.command("train")(train.train)
+app.command("distill")(distill.distill)
 app.command("eval")(train.evaluate_checkpoint)
 app.command("info")(train.info)
 app.command("models")(train.list_models)
 app.command("datasets")(train.list_datasets)
+app.command("profile")(profile.profile)
+app.add_typer(profile.devices_app, name="devices")
 
 
 def main() -> None:
