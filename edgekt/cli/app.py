@@ -7,7 +7,7 @@ import sys
 import typer
 from rich.console import Console
 
-from edgekt.cli import distill, profile, train
+from edgekt.cli import distill, export, profile, train
 from edgekt.errors import EdgektError
 
 app = typer.Typer(
@@ -20,6 +20,7 @@ app = typer.Typer(
 app.command("train")(train.train)
 app.command("distill")(distill.distill)
 app.command("eval")(train.evaluate_checkpoint)
+app.command("export")(export.export)
 app.command("info")(train.info)
 app.command("models")(train.list_models)
 app.command("datasets")(train.list_datasets)

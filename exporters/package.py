@@ -1,0 +1,264 @@
+"""``export_package``: checkpoint -> parity-checked edge package (model files + manifest.json).
+
+Package layout (the names are stable; ``manifest.json`` lists what is present)::
+
+    model.onnx  model.fp16.onnx  model.int8.onnx          ONNX target (onnxruntime)
+    model.fp32.xml/.bin  model.fp16.xml/.bin  model.int8.xml/.bin   OpenVINO target
+    head.npz        --part embedding only: weight (C, D), bias (C,), labels (C,)
+    config.yaml     the training config stored in the checkpoint
+    manifest.json   see ``edgekt.exporters.manifest``
+
+The package is assembled in a hidden temp directory next to ``out_dir`` and renamed into place
+only after every artifact passed the parity gate, so a failure never leaves a partial package.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, fields
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from edgekt.exporters.base import (
+    CALIB_METHODS,
+    PRECISIONS,
+    ExportContext,
+    ExportOptions,
+    get_exporter,
+)
+from edgekt.exporters.manifest import FORMAT, Manifest
+from edgekt.exporters.parity import ParityError, apply_gate, measure, reference
+
+import edgekt
+from edgekt.data import Splits
+from edgekt.errors import EdgektError
+from edgekt.io import atomic_write, atomic_write_text
+
+PARTS = ("classifier", "embedding")
+
+
+def export_package(
+    checkpoint: str | Path,
+    out_dir: str | Path,
+    *,
+    targets: Sequence[str] = ("onnx",),
+    precisions: Sequence[str] = ("fp32",),
+    part: str = "classifier",
+    force: bool = False,
+    data_dir: str | None = None,
+    splits: Splits | None = None,
+    val_samples: int | None = 1000,
+    test_samples: int | None = None,
+    min_agreement: float = 0.99,
+    min_agreement_int8: float = 0.97,
+    allow_mismatch: bool = False,
+    log: Callable[[str], None] | None = None,
+    **options: Any,
+) -> Manifest:
+    """Export a checkpoint to every (target, precision) pair and gate each artifact on parity.
+
+    Args:
+        checkpoint: an edgekt checkpoint (``last.pt``/``best.pt``).
+        out_dir: the package directory; refused if it exists unless ``force``.
+        targets: ``onnx`` and/or ``openvino``.
+        precisions: ``fp32``, ``fp16``, ``int8`` (each produced for every target).
+        part: ``classifier`` (logits) or ``embedding`` (trunk only, head in ``head.npz``).
+        data_dir: where the checkpoint's dataset lives (calibration and parity use real data).
+        splits: already loaded splits of the checkpoint's dataset (skips loading).
+        val_samples: validation images for parity and accuracy control (None: all).
+        test_samples: test images for the accuracy column (None: all).
+        min_agreement: minimum top-1 agreement with PyTorch for FP32/FP16 artifacts.
+        min_agreement_int8: the same for INT8 artifacts.
+        allow_mismatch: write the package even when an artifact fails the gate.
+        log: receives one line per step (the CLI prints them).
+        **options: fields of :class:`ExportOptions` (``opset``, ``dynamic_batch``,
+            ``calib_samples``, ``calib_method``, ``max_drop`` in points, ...).
+
+    Returns:
+        The manifest written to ``out_dir/manifest.json``.
+    """
+    from edgekt.exporters.calib import build_eval_data
+    from edgekt.exporters.meta import build_meta
+
+    from edgekt.engine.checkpoint import file_sha256, load_checkpoint
+    from edgekt.engine.setup import model_from_checkpoint
+    from edgekt.models import Embedding
+
+    say = log or (lambda _msg: None)
+    opts = _options(options)
+    targets, precisions = _check_selection(targets, precisions, part)
+    for name, value in (("--min-agreement", min_agreement),
+                        ("min_agreement_int8", min_agreement_int8)):
+        if not 0.0 <= value <= 1.0:
+            raise EdgektError(f"{name} must be between 0 and 1 (got {value})")
+    out = Path(out_dir)
+    if out.exists() and not force:
+        raise EdgektError(f"output directory {out} exists; pass --force to replace it")
+
+    ckpt = load_checkpoint(checkpoint)
+    net, info = model_from_checkpoint(ckpt, str(checkpoint))
+    sha = file_sha256(checkpoint)
+    splits = splits or _load_splits(ckpt, str(checkpoint), data_dir)
+    if splits.info.num_classes != info.num_classes or splits.info.labels != info.labels:
+        raise EdgektError(f"the data given has classes {splits.info.labels}, the checkpoint "
+                          f"{info.labels}: pass the checkpoint's own dataset")
+    module = net if part == "classifier" else Embedding(net).eval()
+    head = (net.head.weight.detach().numpy().astype(np.float32),
+            net.head.bias.detach().numpy().astype(np.float32))
+    meta = build_meta(info, part=part, model_name=ckpt["model"]["name"],  # type: ignore[arg-type]
+                      embedding_dim=net.embedding_dim, dynamic_batch=opts.dynamic_batch,
+                      source_sha256=sha)
+    say(f"data: {opts.calib_samples} calibration (train), {val_samples or 'all'} validation, "
+        f"{test_samples or 'all'} test images of {info.name}")
+    data = build_eval_data(module, splits, calib_samples=opts.calib_samples,
+                           val_samples=val_samples, test_samples=test_samples,
+                           head=head if part == "embedding" else None)
+    ref = reference(data)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
+    scratch = Path(tempfile.mkdtemp(prefix="edgekt-export-"))
+    try:
+        ctx = ExportContext(module=module, meta=meta, workdir=work, scratch=scratch, data=data,
+                            options=opts)
+        artifacts = []
+        for target in targets:
+            exporter = get_exporter(target)
+            for precision in precisions:
+                t0 = time.perf_counter()
+                art = exporter.export(ctx, precision)
+                export_s = time.perf_counter() - t0
+                run = exporter.runner(work / art.file, runtime_config=art.runtime_config,
+                                      threads=opts.threads)
+                threshold = min_agreement_int8 if precision == "int8" else min_agreement
+                art.parity = apply_gate(measure(run, data), threshold)
+                record = asdict(art)
+                record["export_s"] = round(export_s, 3)
+                artifacts.append(record)
+                say(f"{art.file}: agreement {art.parity['agreement']:.4f}, test acc "
+                    f"{art.parity['test_acc']:.4f} ({export_s:.1f} s)")
+        failed = [a for a in artifacts if not a["parity"]["passed"]]
+        if part == "embedding":
+            _write_head(work / "head.npz", head, info.labels)
+        atomic_write_text(work / "config.yaml", yaml.safe_dump(ckpt.get("config", {}),
+                                                               sort_keys=False))
+        manifest = Manifest(
+            format=FORMAT, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            edgekt_version=edgekt.__version__,
+            source={"checkpoint": str(checkpoint), "sha256": sha, "model": meta.model_name,
+                    "dataset": info.name, "method": ckpt.get("method", {}).get("method")},
+            part=part, meta=asdict(meta), artifacts=artifacts,
+            head={"file": "head.npz", "keys": ["weight", "bias", "labels"]}
+            if part == "embedding" else None,
+            reference={"runtime": "torch", **ref},
+            calibration={"split": "train", "samples": int(len(data.calib_x)),
+                         "method": opts.calib_method, "seed": 0,
+                         "indices_sha256": _sha(data.calib_indices)},
+            options=asdict(opts),
+            gate={"min_agreement": min_agreement, "min_agreement_int8": min_agreement_int8,
+                  "allow_mismatch": allow_mismatch, "passed": not failed},
+            files={},
+        )
+        if failed and not allow_mismatch:
+            names = ", ".join(f"{a['file']} ({a['parity']['agreement']:.4f} < "
+                              f"{a['parity']['min_agreement']})" for a in failed)
+            raise ParityError(f"parity gate failed: {names}; nothing was written to {out}. "
+                              "Pass --allow-mismatch to write the package anyway.", artifacts, ref)
+        manifest.files = {p.name: {"sha256": file_sha256(p), "bytes": p.stat().st_size}
+                          for p in sorted(work.iterdir())}
+        manifest.save(work / "manifest.json")
+        _publish(work, out)
+        manifest.path = out / "manifest.json"
+        return manifest
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)  # gone already when published
+
+
+def _options(raw: dict[str, Any]) -> ExportOptions:
+    valid = {f.name for f in fields(ExportOptions)}
+    unknown = sorted(set(raw) - valid)
+    if unknown:
+        raise EdgektError(f"unknown export option(s) {unknown} (valid: {', '.join(sorted(valid))})")
+    opts = ExportOptions(**raw)
+    if opts.calib_method not in CALIB_METHODS:
+        raise EdgektError(f"--calib-method {opts.calib_method!r}: expected one of "
+                          f"{', '.join(CALIB_METHODS)}")
+    if opts.max_drop is not None and opts.max_drop < 0:
+        raise EdgektError(f"--max-drop is in accuracy points and must be >= 0 "
+                          f"(got {opts.max_drop})")
+    if not 0.0 <= opts.max_float_fraction <= 1.0:
+        raise EdgektError("max_float_fraction must be between 0 and 1")
+    if not 7 <= opts.opset <= 20:
+        raise EdgektError(f"--opset {opts.opset}: the TorchScript ONNX exporter supports 7..20")
+    return opts
+
+
+def _check_selection(targets: Sequence[str], precisions: Sequence[str], part: str
+                     ) -> tuple[list[str], list[str]]:
+    if part not in PARTS:
+        raise EdgektError(f"--part {part!r}: expected one of {', '.join(PARTS)}")
+    targets = list(dict.fromkeys(targets))
+    precisions = list(dict.fromkeys(precisions))
+    if not targets or not precisions:
+        raise EdgektError("give at least one --to target and one --precision")
+    bad = [p for p in precisions if p not in PRECISIONS]
+    if bad:
+        raise EdgektError(f"--precision {bad}: expected some of {', '.join(PRECISIONS)}")
+    for t in targets:
+        get_exporter(t)  # unknown or uninstalled targets fail before any work is done
+    return targets, precisions
+
+
+def _load_splits(ckpt: dict[str, Any], source: str, data_dir: str | None) -> Splits:
+    from edgekt.data import build_splits
+    from edgekt.evaluation import checkpoint_data_config
+
+    cfg = checkpoint_data_config(ckpt, source, data_dir)
+    try:
+        return build_splits(cfg)
+    except EdgektError as exc:
+        raise EdgektError(f"export needs the checkpoint's dataset ({cfg.name}) for INT8 "
+                          f"calibration and the parity gate, and could not load it:\n{exc}") \
+            from None
+
+
+def _write_head(path: Path, head: tuple[np.ndarray, np.ndarray], labels: list[str]) -> None:
+    # Plain arrays only (labels as a unicode array) so np.load(allow_pickle=False) reads it.
+    w, b = head
+    atomic_write(path, lambda f: np.savez(f, weight=w, bias=b, labels=np.array(labels)))
+
+
+def _sha(a: np.ndarray) -> str:
+    import hashlib
+
+    return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
+
+
+def _publish(work: Path, out: Path) -> None:
+    """Rename the finished temp dir to ``out`` (replacing an old package only at the end)."""
+    # mkdtemp/mkstemp create owner-only entries; a package is meant to be copied and shared.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(work, 0o777 & ~umask)
+    for p in work.iterdir():
+        os.chmod(p, 0o666 & ~umask)
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+    os.replace(work, out)
+    fd = os.open(out.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if old is not None:
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
