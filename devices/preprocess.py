@@ -72,8 +72,8 @@ class Preprocessor:
             arr = arr[None, :, :, None]
         elif arr.ndim == 3 and arr.shape[-1] in (1, 3, 4):
             arr = arr[None]
-        elif arr.ndim == 3 and pre.channels == 1:
-            arr = arr[..., None]  # (N, H, W) batch of grey images
+        elif arr.ndim == 3 and pre.channels == 1 and list(arr.shape[1:]) == list(pre.image_size):
+            arr = arr[..., None]  # (N, H, W) batch of grey images (of the exact size: unambiguous)
         elif arr.ndim != 4 or arr.shape[-1] not in (1, 3, 4):
             hint = (" (looks channels-first; uint8 images are channels-last: "
                     "x.transpose(0, 2, 3, 1))" if arr.ndim == 4 and arr.shape[1] in (1, 3) else "")

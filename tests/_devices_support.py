@@ -1,0 +1,106 @@
+"""Test models for the device runtime tests: a tiny trained CNN exported to ONNX/OpenVINO.
+
+Built once per session on disk (several test modules import ``device_models``); torch is
+used here only to export and to compute the reference outputs the runtime must reproduce.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+
+@dataclass
+class DeviceModels:
+    root: Path
+    classifier: Path
+    """Dynamic batch, with edgekt metadata."""
+    fixed: Path
+    """Batch fixed at 2."""
+    embedding: Path
+    nometa: Path
+    """The classifier without its edgekt metadata."""
+    package: Path
+    """Export directory: manifest.json (edgekt.package/1) + ONNX classifier/embedding + IR."""
+    images: np.ndarray
+    """(N, 28, 28) uint8 real Fashion-MNIST test images."""
+    logits: np.ndarray
+    """PyTorch's logits for ``images``."""
+    embeddings: np.ndarray
+    labels: list[str]
+
+
+def build(root: Path, checkpoint: Path, splits) -> DeviceModels:
+    import onnx
+    import openvino as ov
+    import torch
+    from edgekt.exporters.meta import build_meta
+    from edgekt.exporters.onnx_export import export_onnx
+
+    from edgekt.engine.checkpoint import load_checkpoint
+    from edgekt.engine.setup import model_from_checkpoint
+    from edgekt.metadata import METADATA_KEY
+    from edgekt.models.base import Embedding
+
+    torch.set_num_threads(1)
+    net, info = model_from_checkpoint(load_checkpoint(checkpoint))
+    common = {"model_name": "cnn_xs", "embedding_dim": net.embedding_dim}
+    cls_meta = build_meta(info, part="classifier", dynamic_batch=True, **common)
+    emb_meta = build_meta(info, part="embedding", dynamic_batch=True, **common)
+    root.mkdir(parents=True)
+    paths = {n: root / f"{n}.onnx" for n in ("classifier", "fixed", "embedding", "nometa")}
+    export_onnx(net, cls_meta, paths["classifier"])
+    export_onnx(net, build_meta(info, part="classifier", batch=2, **common), paths["fixed"])
+    export_onnx(Embedding(net), emb_meta, paths["embedding"])
+    bare = onnx.load(paths["classifier"])
+    del bare.metadata_props[:]
+    onnx.save(bare, paths["nometa"])
+
+    pkg = root / "package"
+    pkg.mkdir()
+    shutil.copy(paths["classifier"], pkg / "model.onnx")
+    shutil.copy(paths["embedding"], pkg / "model.embedding.onnx")
+    ir = ov.convert_model(str(paths["classifier"]))
+    ir.set_rt_info(cls_meta.to_json(), METADATA_KEY)
+    ov.save_model(ir, str(pkg / "model.fp32.xml"), compress_to_fp16=False)
+    art = {"target": "onnx", "runtime": "onnxruntime", "precision": "fp32", "part": "classifier",
+           "runtime_config": {}, "parity": {"test_acc": 0.81, "val_acc": 0.8}}
+    manifest = {"format": "edgekt.package/1", "part": "classifier", "artifacts": [
+        {**art, "file": "model.onnx", "files": ["model.onnx"]},
+        {**art, "file": "model.embedding.onnx", "files": ["model.embedding.onnx"],
+         "part": "embedding", "parity": None},
+        {**art, "file": "model.fp32.xml", "files": ["model.fp32.xml", "model.fp32.bin"],
+         "target": "openvino", "runtime": "openvino",
+         "runtime_config": {"INFERENCE_PRECISION_HINT": "f32"}, "parity": {"test_acc": 0.8}},
+    ]}
+    (pkg / "manifest.json").write_text(json.dumps(manifest))
+
+    images = splits.test.images[:16, 0].numpy()
+    x = (torch.from_numpy(images.astype(np.float32))[:, None] / 255 - info.mean[0]) / info.std[0]
+    with torch.no_grad():
+        logits = net(x).numpy()
+        emb = net.forward_features(x).numpy()
+    np.savez(root / "reference.npz", images=images, logits=logits, embeddings=emb)
+    (root / "labels.json").write_text(json.dumps(list(info.labels)))
+    return load(root)
+
+
+def load(root: Path) -> DeviceModels:
+    ref = np.load(root / "reference.npz", allow_pickle=False)
+    return DeviceModels(root, root / "classifier.onnx", root / "fixed.onnx",
+                        root / "embedding.onnx", root / "nometa.onnx", root / "package",
+                        ref["images"], ref["logits"], ref["embeddings"],
+                        json.loads((root / "labels.json").read_text()))
+
+
+@pytest.fixture(scope="session")
+def device_models(tmp_path_factory, tiny_checkpoint, fashion_splits) -> DeviceModels:
+    root = tmp_path_factory.getbasetemp() / "device_models"
+    if (root / "labels.json").is_file():  # already built by another test module
+        return load(root)
+    return build(root, tiny_checkpoint, fashion_splits)
