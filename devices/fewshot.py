@@ -156,7 +156,7 @@ def calibrate(emb: np.ndarray, labels: np.ndarray, *, shots: int = 5, metric: st
     return rates_at(float(np.quantile(known, 1.0 - target_frr)), known, unknown)
 
 
-# ---- the classifier -----------------------------------------------------------------------------
+# ---- the classifier ----
 @dataclass(frozen=True)
 class Prediction:
     """Result of ``PrototypeClassifier.predict``."""
@@ -191,7 +191,6 @@ class PrototypeClassifier:
                  scale: float = 1.0, threshold: float | None = None, recover: bool = False) -> None:
         self.embedder = embedder
         self.path = Path(state_path)
-        self._expected = _expected_sample_shapes(embedder)
         loaded = self._load(recover)
         if loaded is None:
             if metric not in METRICS:
@@ -231,11 +230,11 @@ class PrototypeClassifier:
         except EdgektError:
             raise
         except Exception as exc:  # noqa: BLE001 - a runtime's own error types vary by backend
-            raise EdgektError(f"embedding failed for samples of shape {batch.shape[1:]} "
-                              f"(dtype {batch.dtype}): {exc}") from exc
+            raise EdgektError(f"embedding {len(batch)} samples failed: {exc}") from exc
         if emb.ndim != 2 or emb.shape[0] != len(batch):
             raise EdgektError(f"embedder returned shape {emb.shape} for {len(batch)} samples; "
-                              f"expected (N, D): is this an embedding model (--part embedding)?")
+                              f"expected (N, D). Pass a list of images or a batch (N, H, W[, C]); "
+                              f"the model must output embeddings (export its embedding part)")
         if not np.isfinite(emb).all():
             raise EdgektError("the embedding of these samples is not finite (NaN/inf); "
                               "check the input images")
@@ -410,45 +409,30 @@ class PrototypeClassifier:
             raise EdgektError(f"label {label!r} is not enrolled (enrolled: {self._labels})"
                               ) from None
 
-    def _as_batch(self, samples: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
+    @staticmethod
+    def _as_batch(samples: Sequence[np.ndarray] | np.ndarray) -> np.ndarray | list[np.ndarray]:
+        """Check count, dtype and finiteness; shapes are the embedder's business (an
+        ``EdgeModel`` resizes and converts colour, and names what it expected otherwise)."""
         if isinstance(samples, np.ndarray):
-            batch = samples
+            if samples.ndim < 2 or len(samples) == 0:
+                raise EdgektError(f"no samples in an array of shape {samples.shape}: pass a list "
+                                  f"of images or a batch whose first axis indexes samples")
+            items = [samples]
         else:
-            items = [np.asarray(s) for s in samples]
+            try:
+                items = [np.asarray(s) for s in samples]
+            except (TypeError, ValueError) as exc:
+                raise EdgektError(f"cannot read the samples as arrays ({exc})") from None
             if not items:
                 raise EdgektError("no samples given: enroll/predict need at least one image")
-            shapes = {s.shape for s in items}
-            if len(shapes) > 1:
-                raise EdgektError(f"samples have different shapes {sorted(shapes)}; resize them "
-                                  f"to the model's input size first")
-            batch = np.stack(items)
-        if batch.ndim < 2 or len(batch) == 0:
-            raise EdgektError(f"no samples given (array of shape {batch.shape}): pass a sequence "
-                              f"of images or an array whose first axis indexes samples")
-        if self._expected and batch.shape[1:] not in self._expected:
-            raise EdgektError(f"sample shape {batch.shape[1:]} does not fit the model; expected "
-                              f"one of {sorted(self._expected)} (one image per entry)")
-        if batch.dtype.kind == "f" and not np.isfinite(batch).all():
-            raise EdgektError("samples contain NaN or infinite values")
-        if batch.dtype.kind not in "uif":
-            raise EdgektError(f"samples must be numeric images, got dtype {batch.dtype}")
-        return batch
+        for item in items:
+            if item.dtype.kind not in "uif":
+                raise EdgektError(f"samples must be numeric images, got dtype {item.dtype}")
+            if item.dtype.kind == "f" and not np.isfinite(item).all():
+                raise EdgektError("samples contain NaN or infinite values")
+        return samples if isinstance(samples, np.ndarray) else items
 
 
 def _check_label(label: object) -> None:
     if not isinstance(label, str) or not label.strip():
         raise EdgektError(f"a label must be a non-empty string, got {label!r}")
-
-
-def _expected_sample_shapes(embedder: Embedder) -> set[tuple[int, ...]]:
-    """Per-sample shapes the embedder's metadata allows (empty: unknown, let it check)."""
-    meta = getattr(embedder, "meta", None)
-    pre = getattr(meta, "preprocess", None)
-    if pre is None:
-        return set()
-    h, w = pre.image_size
-    c = pre.channels
-    shapes = {(h, w, c)}
-    if c == 1:
-        shapes.add((h, w))
-    return shapes

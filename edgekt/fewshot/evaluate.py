@@ -1,0 +1,249 @@
+"""Few-shot evaluation protocol: many seeded random episodes on novel classes, mean ± 95% CI.
+
+Embeddings of the novel-class images are computed once (the model is in eval mode, so an
+image's embedding does not depend on its episode), then every episode classifies its queries
+by the nearest support prototype with the device's own maths (``edgekt.devices.fewshot``), so
+the host numbers and the device's behaviour cannot drift apart. The same function evaluates
+embeddings from the PyTorch model (``TorchEmbedder``) and from the exported model run by
+``edgekt.devices``; ``agreement`` compares their per-query predictions on identical episodes.
+
+Other episodic methods reuse ``run_episodes`` / ``mean_ci95`` with their own classifier.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from edgekt.config import Config, DataConfig, validate
+from edgekt.data import DatasetInfo, TensorSplit, build_splits
+from edgekt.devices.fewshot import (
+    Embedder,
+    OpenSetRates,
+    calibrate,
+    class_means,
+    distances,
+    open_set_trials,
+    rates_at,
+    transform_embeddings,
+)
+from edgekt.errors import EdgektError
+from edgekt.fewshot.episodes import EpisodeSampler, EpisodeSpec
+from edgekt.fewshot.protonet import default_transform
+from edgekt.models import EdgeNet
+
+EpisodeClassifier = Callable[[np.ndarray, np.ndarray, np.ndarray, int], np.ndarray]
+"""(support embeddings, support labels, query embeddings, n_way) -> predicted query labels."""
+
+
+def mean_ci95(accs: Sequence[float] | np.ndarray) -> tuple[float, float]:
+    """Mean and the half-width of its normal-approximation 95% confidence interval."""
+    a = np.asarray(accs, dtype=np.float64)
+    if len(a) < 2:
+        return float(a.mean()) if len(a) else float("nan"), float("nan")
+    return float(a.mean()), float(1.96 * a.std(ddof=1) / math.sqrt(len(a)))
+
+
+@dataclass
+class FewShotResult:
+    """Accuracy over ``episodes`` episodes of one spec (fractions, not percent)."""
+
+    spec: EpisodeSpec
+    episodes: int
+    seed: int
+    mean: float
+    ci95: float
+    predictions: np.ndarray = field(repr=False)
+    """(episodes, n_way * n_query) predicted episode labels, for agreement checks."""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"n_way": self.spec.n_way, "k_shot": self.spec.k_shot,
+                "n_query": self.spec.n_query, "episodes": self.episodes, "seed": self.seed,
+                "acc": self.mean, "ci95": self.ci95}
+
+    def __str__(self) -> str:
+        return f"{100 * self.mean:.2f} ± {100 * self.ci95:.2f}%"
+
+
+def nearest_prototype(metric: str) -> EpisodeClassifier:
+    """The ProtoNet / device rule: label of the nearest support class mean."""
+
+    def classify(support: np.ndarray, labels: np.ndarray, query: np.ndarray, n_way: int
+                 ) -> np.ndarray:
+        return distances(query, class_means(support, labels, n_way), metric).argmin(1)
+
+    return classify
+
+
+def run_episodes(emb: np.ndarray, targets: np.ndarray | torch.Tensor, spec: EpisodeSpec, *,
+                 episodes: int = 600, seed: int = 0,
+                 classify: EpisodeClassifier | None = None) -> FewShotResult:
+    """Evaluate ``classify`` (default: nearest prototype, squared Euclidean) on
+    ``episodes`` episodes drawn from precomputed embeddings ``emb`` with labels ``targets``."""
+    classify = classify or nearest_prototype("euclidean")
+    sampler = EpisodeSampler(torch.as_tensor(np.asarray(targets)), spec, seed=seed,
+                             source="novel classes")
+    accs, preds = np.empty(episodes), np.empty((episodes, spec.n_way * spec.n_query), np.int64)
+    for i, ep in enumerate(sampler.episodes(episodes)):
+        p = classify(emb[ep.support.numpy()], ep.support_labels.numpy(),
+                     emb[ep.query.numpy()], spec.n_way)
+        preds[i] = p
+        accs[i] = float((p == ep.query_labels.numpy()).mean())
+    mean, ci = mean_ci95(accs)
+    return FewShotResult(spec, episodes, seed, mean, ci, preds)
+
+
+def agreement(a: FewShotResult, b: FewShotResult) -> float:
+    """Share of identical query predictions between two runs over the same episodes."""
+    if a.predictions.shape != b.predictions.shape or a.seed != b.seed:
+        raise EdgektError("agreement needs two results over the same episodes (spec, count, seed)")
+    return float((a.predictions == b.predictions).mean())
+
+
+# ---- embedding raw images on the host ----
+class TorchEmbedder:
+    """Host counterpart of the device embedder: raw uint8 images -> embeddings with PyTorch.
+
+    Preprocesses exactly as the exported model's metadata prescribes, so it can stand in for
+    the device model (``PrototypeClassifier(TorchEmbedder(model, info), ...)``).
+    """
+
+    def __init__(self, model: EdgeNet, info: DatasetInfo, batch_size: int = 512) -> None:
+        self.model, self.info, self.batch_size = model.eval(), info, batch_size
+        self._mean = torch.tensor(info.mean).view(1, -1, 1, 1)
+        self._std = torch.tensor(info.std).view(1, -1, 1, 1)
+
+    @torch.no_grad()
+    def embed(self, raw: np.ndarray) -> np.ndarray:
+        x = torch.as_tensor(np.asarray(raw)).float()
+        x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)  # (N,H,W) or (N,H,W,C)
+        out = []
+        for chunk in x.split(self.batch_size):
+            chunk = (chunk * (1.0 / 255.0) - self._mean) / self._std
+            out.append(self.model.forward_features(chunk).float())
+        return torch.cat(out).numpy()
+
+
+def raw_images(split: TensorSplit) -> np.ndarray:
+    """uint8 (N, C, H, W) -> what an app hands the device: (N, H, W) grey or (N, H, W, C)."""
+    x = split.images.permute(0, 2, 3, 1).numpy()
+    return x[..., 0] if x.shape[-1] == 1 else x
+
+
+def embed_in_chunks(embedder: Embedder, raw: np.ndarray, chunk: int = 256) -> np.ndarray:
+    """Embed many images with any embedder, a bounded batch at a time."""
+    return np.concatenate([np.asarray(embedder.embed(raw[i:i + chunk]))
+                           for i in range(0, len(raw), chunk)])
+
+
+# ---- the protocol on a checkpoint ----
+@dataclass
+class FewShotSetup:
+    """Everything the protocol needs about a trained checkpoint."""
+
+    model: EdgeNet
+    info: DatasetInfo
+    config: Config
+    method: dict[str, Any]
+    metric: str
+    transform: str
+    scale: float
+    base_classes: list[int] | None
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: dict[str, Any], source: str,
+                        transform: str = "auto") -> FewShotSetup:
+        from edgekt.engine.setup import model_from_checkpoint
+
+        model, info = model_from_checkpoint(ckpt, source)
+        cfg: Config = validate(Config, ckpt.get("config", {}), f"{source} (stored config)")
+        method = dict(ckpt.get("method") or {"method": cfg.method})
+        metric = method.get("metric", "euclidean") if method.get("method") == "protonet" \
+            else "euclidean"
+        chosen = default_transform(method.get("method", ""), metric) if transform == "auto" \
+            else transform
+        scale = float(method.get("scale", 1.0)) if method.get("method") == "protonet" else 10.0
+        return cls(model, info, cfg, method, metric, chosen, scale, cfg.data.classes)
+
+    def base_data(self, data_dir: str | None = None) -> DataConfig:
+        data = self.config.data.model_copy(update={"limit": None, "augment": False})
+        if data_dir is not None:
+            data.data_dir = data_dir
+        return data
+
+    def novel_split(self, dataset: str | None = None, classes: list[int] | None = None,
+                    split: str = "test", data_dir: str | None = None) -> TensorSplit:
+        """Images of the novel classes: by default the classes of the training dataset that
+        are not base classes (``data.classes``), or all classes of another ``dataset``."""
+        name = dataset or self.config.data.name
+        if classes is None:
+            if name != self.config.data.name:
+                classes = None  # cross-domain: every class is novel
+            elif self.base_classes is None:
+                raise EdgektError("the checkpoint was trained on all classes of "
+                                  f"{name!r} (no data.classes): give the novel classes "
+                                  "explicitly or another dataset")
+            else:
+                n_all = len(build_splits(DataConfig(name=name, data_dir=data_dir or
+                                                    self.config.data.data_dir,
+                                                    val_fraction=0.0)).info.labels)
+                classes = [c for c in range(n_all) if c not in self.base_classes]
+        if classes is not None and self.base_classes is not None and \
+                name == self.config.data.name and set(classes) & set(self.base_classes):
+            raise EdgektError(f"novel classes {sorted(set(classes) & set(self.base_classes))} "
+                              f"were base (training) classes of this checkpoint")
+        cfg = DataConfig(name=name, data_dir=data_dir or self.config.data.data_dir,
+                         classes=classes, val_fraction=0.0, image_size=self.info.image_size)
+        splits = build_splits(cfg)
+        if splits.info.in_channels != self.info.in_channels:
+            raise EdgektError(f"{name} has {splits.info.in_channels} channel(s); the model "
+                              f"expects {self.info.in_channels}")
+        if split not in ("test", "train"):
+            raise EdgektError(f"novel split must be test or train, not {split!r}")
+        return getattr(splits, split)
+
+    def center(self, embedder: Embedder, data_dir: str | None = None,
+               max_images: int = 10_000) -> np.ndarray | None:
+        """The base-class mean embedding (SimpleShot's centring), or None if unused."""
+        if self.transform != "cl2n":
+            return None
+        train = build_splits(self.base_data(data_dir)).train
+        raw = raw_images(train)[:max_images]
+        return embed_in_chunks(embedder, raw).mean(0)
+
+
+def open_set_report(setup: FewShotSetup, base_emb: np.ndarray, base_y: np.ndarray,
+                    novel_emb: np.ndarray, novel_y: np.ndarray, *, shots: int = 5,
+                    target_frr: float = 0.05, trials: int = 50, seed: int = 0
+                    ) -> dict[str, OpenSetRates]:
+    """Threshold calibrated on base classes, then its rates on base and on novel classes.
+
+    Embeddings must already be transformed.
+    """
+    base = calibrate(base_emb, base_y, shots=shots, metric=setup.metric, target_frr=target_frr,
+                     trials=trials, seed=seed)
+    known, unknown = open_set_trials(novel_emb, novel_y, shots=shots, metric=setup.metric,
+                                     trials=trials, seed=seed)
+    return {"base": base, "novel": rates_at(base.threshold, known, unknown)}
+
+
+def evaluate_setup(setup: FewShotSetup, embedders: dict[str, Embedder], novel: TensorSplit, *,
+                   ways: int, shots: Sequence[int] = (1, 5), queries: int = 15,
+                   episodes: int = 600, seed: int = 0, center: np.ndarray | None = None
+                   ) -> dict[str, dict[int, FewShotResult]]:
+    """Run the protocol on ``novel`` for each embedder (e.g. ``torch`` and ``device``)."""
+    y = novel.targets.numpy()
+    raw = raw_images(novel)
+    out: dict[str, dict[int, FewShotResult]] = {}
+    for name, embedder in embedders.items():
+        emb = transform_embeddings(embed_in_chunks(embedder, raw), setup.transform, center)
+        out[name] = {k: run_episodes(emb, y, EpisodeSpec(ways, k, queries), episodes=episodes,
+                                     seed=seed, classify=nearest_prototype(setup.metric))
+                     for k in shots}
+    return out
+

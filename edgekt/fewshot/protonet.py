@@ -1,0 +1,190 @@
+"""Prototypical networks (Snell et al., 2017) as an engine method: one episode per step.
+
+Classify a query by the nearest class mean ("prototype") of the support embeddings. Training
+runs inside the ordinary ``fit()`` loop: each step the task ignores the loader's batch for the
+prototypical loss and draws its own episode from the training split (base classes, set by
+``data.classes``). The loader's batch still sets the number of steps (an epoch has
+``ceil(len(train) / data.batch_size)`` episodes), and the episode's embeddings train the
+classifier head as a linear probe on detached features, so the loop's validation accuracy
+tracks embedding quality (with ``ce_weight > 0`` the cross-entropy also trains the backbone).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from edgekt.config import Config, Strict, validate
+from edgekt.data import Splits
+from edgekt.data.base import random_crop_flip
+from edgekt.engine.tasks import METHODS, StepOutput, Task
+from edgekt.fewshot.episodes import EpisodeSampler, EpisodeSpec, normalise
+
+Metric = Literal["euclidean", "cosine"]
+
+
+class ProtoNetArgs(Strict):
+    """``method_args`` of the ``protonet`` method."""
+
+    n_way: int = Field(5, ge=2)
+    """Classes per training episode (at most the number of base classes)."""
+    k_shot: int = Field(5, ge=1)
+    n_query: int = Field(15, ge=1)
+    metric: Metric = "euclidean"
+    """Squared Euclidean distance (the paper's) or cosine similarity."""
+    scale: float | None = Field(None, gt=0)
+    """Logit temperature: -scale * d2 or scale * cos. Default 1 (euclidean), 10 (cosine)."""
+    learn_scale: bool = False
+    """Learn the temperature (stored in the checkpoint with the task's state)."""
+    ce_weight: float = Field(0.0, ge=0)
+    """Weight of an auxiliary base-class cross-entropy through the backbone (0: probe only)."""
+    eval_episodes: int = Field(200, ge=2)
+    """Episodes (same spec, base-class val/test images) for the loop's val/test accuracy."""
+
+
+def pairwise_logits(query: torch.Tensor, prototypes: torch.Tensor, metric: Metric,
+                    scale: torch.Tensor | float = 1.0) -> torch.Tensor:
+    """(Q, D) x (N, D) -> (Q, N) logits: ``-scale * ||q - p||^2`` or ``scale * cos(q, p)``."""
+    if metric == "cosine":
+        return scale * F.normalize(query, dim=1) @ F.normalize(prototypes, dim=1).T
+    return -scale * torch.cdist(query, prototypes).pow(2)
+
+
+def prototypes_of(support: torch.Tensor, labels: torch.Tensor, n_way: int) -> torch.Tensor:
+    """Class means of the support embeddings: (N*K, D) -> (N, D)."""
+    sums = torch.zeros(n_way, support.shape[1], dtype=support.dtype, device=support.device)
+    sums.index_add_(0, labels, support)
+    counts = torch.bincount(labels, minlength=n_way).clamp_min(1).to(support.dtype)
+    return sums / counts[:, None]
+
+
+def prototypical_loss(support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor,
+                      query_labels: torch.Tensor, n_way: int, *, metric: Metric = "euclidean",
+                      scale: torch.Tensor | float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of the queries against the support prototypes; returns (loss, logits).
+
+    Computed in fp32 so the squared distances cannot overflow under fp16 autocast.
+    """
+    protos = prototypes_of(support.float(), support_labels, n_way)
+    logits = pairwise_logits(query.float(), protos, metric, scale)
+    return F.cross_entropy(logits, query_labels), logits
+
+
+@METHODS.register("protonet")
+class ProtoNetTask(Task):
+    """Episodic prototypical-network training (see the module docstring)."""
+
+    def __init__(self, cfg: Config, model: nn.Module, splits: Splits, device: torch.device):
+        super().__init__(cfg, model, splits, device)
+        self.args: ProtoNetArgs = validate(ProtoNetArgs, cfg.method_args, "method_args (protonet)")
+        a = self.args
+        self.spec = EpisodeSpec(a.n_way, a.k_shot, a.n_query)
+        self.split, self.info = splits.train, splits.info
+        self.splits_eval = {"val": splits.val, "test": splits.test}
+        self.sampler = EpisodeSampler(self.split.targets, self.spec, seed=cfg.train.seed,
+                                      source="training split (data.classes = base classes)")
+        self.augment = cfg.data.augment
+        init = a.scale if a.scale is not None else (10.0 if a.metric == "cosine" else 1.0)
+        self.log_scale = nn.Parameter(torch.tensor(math.log(init)), requires_grad=a.learn_scale)
+        # Counts episodes drawn (a buffer, so it is checkpointed and a resumed run continues
+        # with the episode an uninterrupted run would have drawn, also under grad_accum).
+        self.register_buffer("episodes_drawn", torch.zeros((), dtype=torch.long))
+
+    def training_step(self, model: nn.Module, batch: tuple, step: int) -> StepOutput:
+        index = self._next_episode_index()
+        ep = self.sampler.sample(index)
+        pos = torch.cat([ep.support, ep.query])
+        images = self.split.images[pos].float()
+        if self.augment:
+            g = torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + index)
+            images = random_crop_flip(images, g)
+        x = normalise(images, self.info).to(self.log_scale.device)
+        emb, head_logits = self._forward(model, x)
+        dev = emb.device
+        n_s = len(ep.support)
+        loss, logits = prototypical_loss(
+            emb[:n_s], ep.support_labels.to(dev), emb[n_s:], ep.query_labels.to(dev),
+            self.spec.n_way, metric=self.args.metric, scale=self.log_scale.exp())
+        ce = F.cross_entropy(head_logits.float(), self.split.targets[pos].to(dev))
+        weight = self.args.ce_weight if self.args.ce_weight > 0 else 1.0
+        terms = {"proto": loss.detach(), "ce": ce.detach(), "scale": self.log_scale.exp().detach()}
+        return StepOutput(loss + weight * ce, logits, ep.query_labels.to(dev), terms)
+
+    def _next_episode_index(self) -> int:
+        drawn = int(self.episodes_drawn.item())
+        self.episodes_drawn += 1
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # Each rank draws its own episodes: interleave the index sequence across ranks.
+            return drawn * torch.distributed.get_world_size() + torch.distributed.get_rank()
+        return drawn
+
+    def _forward(self, model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings and head logits from one ``model(x)`` call.
+
+        Going through ``model(x)`` (not ``forward_features``) keeps DDP's gradient hooks and
+        torch.compile in play; a pre-hook on the head captures its input (the embedding) and,
+        in probe mode (``ce_weight == 0``), detaches it so the CE trains the head only.
+        """
+        net = model
+        while hasattr(net, "module") or hasattr(net, "_orig_mod"):  # DDP / torch.compile
+            net = getattr(net, "module", None) or net._orig_mod
+        captured: list[torch.Tensor] = []
+        probe = self.args.ce_weight == 0
+
+        def hook(_mod: nn.Module, args: tuple) -> tuple | None:
+            captured.append(args[0])
+            return (args[0].detach(),) if probe else None
+
+        handle = net.head.register_forward_pre_hook(hook)
+        try:
+            head_logits = model(x)
+        finally:
+            handle.remove()
+        return captured[0], head_logits
+
+    @torch.no_grad()
+    def extra_metrics(self, model: nn.Module, split: str) -> dict[str, float]:
+        """Episode accuracy on the base classes' ``split`` images (replaces the loop's
+        ``acc``, so ``best.pt`` is the checkpoint whose embedding classifies episodes best)."""
+        from edgekt.fewshot.evaluate import (
+            TorchEmbedder,
+            nearest_prototype,
+            raw_images,
+            run_episodes,
+        )
+
+        data = self.splits_eval[split]
+        n_way = min(self.spec.n_way, len(torch.unique(data.targets)))
+        spec = EpisodeSpec(n_way, self.spec.k_shot, self.spec.n_query)
+        was_training = model.training
+        try:
+            emb = TorchEmbedder(model, self.info).embed(raw_images(data))
+        finally:
+            model.train(was_training)
+        if self.args.metric == "cosine":
+            emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+        res = run_episodes(emb, data.targets.numpy(), spec, episodes=self.args.eval_episodes,
+                           seed=12345, classify=nearest_prototype("euclidean"))
+        return {"acc": res.mean, "episode_ci95": res.ci95}
+
+    def export_metadata(self) -> dict[str, Any]:
+        return {"method": "protonet", **self.args.model_dump(),
+                "scale": float(self.log_scale.exp()), "transform": default_transform("protonet",
+                                                                                  self.args.metric)}
+
+
+def default_transform(method: str, metric: str = "euclidean") -> str:
+    """The embedding transform few-shot evaluation uses for a checkpoint trained by ``method``.
+
+    ProtoNet embeddings are used as trained (L2-normalised for cosine); a classifier's
+    embedding gets SimpleShot's centring + L2 normalisation ("cl2n"), which works best there.
+    """
+    if method == "protonet":
+        return "l2" if metric == "cosine" else "none"
+    return "cl2n"
