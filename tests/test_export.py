@@ -1,0 +1,132 @@
+"""Exporter contract tests, subclassed per target (nncf's pattern), on real Fashion-MNIST."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from edgekt.exporters import Manifest, export_package
+from edgekt.exporters.base import get_exporter
+
+from edgekt.engine.checkpoint import file_sha256
+from edgekt.metadata import ModelMeta
+
+N_VAL, N_TEST = 300, 500
+
+
+class ExporterContract:
+    """Every target must pass these; subclasses set ``target``."""
+
+    target: str
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def package(cls, tiny_checkpoint, fashion_splits, tmp_path_factory) -> Manifest:
+        torch.set_num_threads(1)
+        out = tmp_path_factory.mktemp(f"pkg_{cls.target}") / "pkg"
+        return export_package(tiny_checkpoint, out, targets=[cls.target],
+                              precisions=["fp32", "fp16", "int8"], splits=fashion_splits,
+                              val_samples=N_VAL, test_samples=N_TEST, threads=1)
+
+    def test_manifest_lists_every_artifact_with_hashes(self, package, tiny_checkpoint):
+        on_disk = Manifest.load(package.path.parent)
+        assert on_disk.format == "edgekt.package/1"
+        assert {(a["runtime"], a["precision"]) for a in on_disk.artifacts} == {
+            (get_exporter(self.target).runtime, p) for p in ("fp32", "fp16", "int8")}
+        names = {p.name for p in package.path.parent.iterdir()} - {"manifest.json"}
+        assert set(on_disk.files) == names
+        for name, rec in on_disk.files.items():
+            assert rec["sha256"] == file_sha256(package.path.parent / name)
+        for a in on_disk.artifacts:
+            assert set(a["files"]) <= names and a["part"] == "classifier"
+        assert on_disk.source["sha256"] == file_sha256(tiny_checkpoint)
+        assert on_disk.gate["passed"] and on_disk.calibration["samples"] == 300
+
+    def test_metadata_is_embedded_in_each_file(self, package, tiny_checkpoint):
+        exporter = get_exporter(self.target)
+        for a in package.artifacts:
+            meta = exporter.read_meta(package.path.parent / a["file"])
+            assert isinstance(meta, ModelMeta)
+            assert meta.precision == a["precision"]
+            assert meta.source_sha256 == file_sha256(tiny_checkpoint)
+            assert meta.task == "classifier" and meta.input.shape == [1, 1, 28, 28]
+            assert meta.preprocess.mean == pytest.approx([0.2860])
+            assert len(meta.labels) == 10 and meta.labels[0] == "T-shirt/top"
+
+    def test_fp32_matches_pytorch(self, package):
+        p = package.artifact(get_exporter(self.target).runtime, "fp32")["parity"]
+        assert p["max_abs_diff"] < 1e-4
+        assert p["agreement"] == 1.0 and p["n_val"] == N_VAL and p["n_test"] == N_TEST
+        assert p["test_acc"] == pytest.approx(package.reference["test_acc"])
+
+    def test_fp16_is_close(self, package):
+        p = package.artifact(get_exporter(self.target).runtime, "fp16")["parity"]
+        assert 0 < p["max_abs_diff"] < 5e-2 and p["agreement"] >= 0.99
+
+    def test_int8_calibrated_on_real_data_keeps_accuracy(self, package):
+        a = package.artifact(get_exporter(self.target).runtime, "int8")
+        assert a["quantization"]["calib_samples"] == 300
+        assert a["parity"]["max_abs_diff"] > 1e-4  # really quantized
+        assert abs(a["parity"]["test_acc"] - package.reference["test_acc"]) <= 0.02
+        assert a["parity"]["agreement"] >= 0.97
+        sizes = {x["precision"]: package.files[x["files"][-1]]["bytes"]
+                 for x in package.artifacts}
+        assert sizes["int8"] < sizes["fp32"]
+
+
+class TestOnnxExporter(ExporterContract):
+    target = "onnx"
+
+    def test_plain_onnxruntime_reproduces_edgekt_from_raw_images(self, package, fashion_splits,
+                                                                 tmp_path, tiny_checkpoint):
+        """An app with only onnxruntime + numpy (no edgekt, no torch) gets the same answers."""
+        from edgekt.exporters.calib import normalised, torch_outputs
+
+        from edgekt.engine.checkpoint import load_checkpoint
+        from edgekt.engine.setup import model_from_checkpoint
+
+        split = fashion_splits.test.subset(torch.arange(200))
+        raw = split.images[:, 0].numpy()  # uint8 HW images, as a camera/app would hand them over
+        np.save(tmp_path / "raw.npy", raw)
+        model, info = model_from_checkpoint(load_checkpoint(tiny_checkpoint))
+        expected = torch_outputs(model, normalised(split, info)).argmax(1)
+        script = textwrap.dedent(f"""
+            import json, sys
+            import numpy as np, onnxruntime as ort
+            sess = ort.InferenceSession({str(package.path.parent / "model.onnx")!r},
+                                        providers=["CPUExecutionProvider"])
+            meta = json.loads(sess.get_modelmeta().custom_metadata_map["edgekt"])
+            pre, spec = meta["preprocess"], meta["input"]
+            raw = np.load({str(tmp_path / "raw.npy")!r})
+            mean = np.array(pre["mean"], np.float32)
+            std = np.array(pre["std"], np.float32)
+            x = (raw[..., None].astype(np.float32) * pre["scale"] - mean) / std  # NHWC
+            x = x.transpose(0, 3, 1, 2)  # layout NCHW
+            preds = [int(sess.run(None, {{spec["name"]: x[i:i + 1]}})[0].argmax())
+                     for i in range(len(x))]
+            assert "edgekt" not in sys.modules and "torch" not in sys.modules
+            print(json.dumps({{"preds": preds, "labels": meta["labels"],
+                              "task": meta["task"], "shape": spec["shape"]}}))
+        """)
+        res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                             timeout=120, cwd=tmp_path)
+        assert res.returncode == 0, res.stderr
+        out = json.loads(res.stdout)
+        assert out["task"] == "classifier" and out["shape"] == [1, 1, 28, 28]
+        assert out["labels"] == info.labels
+        assert (np.array(out["preds"]) == expected).mean() >= 0.995
+
+
+class TestOpenVINOExporter(ExporterContract):
+    target = "openvino"
+
+    def test_fp32_records_f32_inference_precision(self, package):
+        # Without it the CPU plugin may run the FP32 IR in bf16 (it does on this machine).
+        assert package.artifact("openvino", "fp32")["runtime_config"] == {
+            "INFERENCE_PRECISION_HINT": "f32"}
+        assert package.artifact("openvino", "int8")["quantization"]["tool"] == "nncf.quantize"
