@@ -40,10 +40,11 @@ def train(
 ) -> None:
     """Train or fine-tune a model (any method) from a YAML config."""
     from edgekt.config import load_config
-    from edgekt.engine import fit
 
     cfg = load_config(config, cli_overrides(set_, data_dir=data_dir, limit=limit, device=device,
                                             run_dir=run_dir))
+    from edgekt.engine import fit  # torch is imported only once the config is known to be valid
+
     result = fit(cfg, resume=resume, force=force, checkpoint_every=checkpoint_every)
     if "test_acc" in result.metrics:
         console.print(f"[green]done[/]: test accuracy {result.metrics['test_acc']:.4f}, "
