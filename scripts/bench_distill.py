@@ -1,0 +1,280 @@
+"""Distillation benchmark on real Fashion-MNIST.
+
+1. Accuracy: a teacher, a student from scratch and a student per KD method, same epochs and
+   seeds; test accuracy mean +- std, parameters, CPU time.
+2. Throughput of one distillation epoch (Hinton KD): ``edgekt`` (the engine's ``fit`` loop)
+   vs a minimal hand-written KD loop on the same models and batches, with vs without the
+   teacher-output cache, and vs torchdistill's DistillationBox when torchdistill is installed.
+
+    python scripts/bench_distill.py --quick            # about 5-10 min on 2 CPU cores
+    python scripts/bench_distill.py --out bench.json   # the full table (hours on a CPU)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.table import Table
+
+from edgekt.config import Config, DataConfig, load_config
+from edgekt.data import Splits, build_splits, make_loader
+from edgekt.engine import Trainer, fit
+from edgekt.engine.checkpoint import load_checkpoint
+from edgekt.engine.setup import build_model, model_from_checkpoint
+
+console = Console()
+
+# Per-method KD terms, as in edgekt/configs/distill_*.yaml.
+METHODS: dict[str, list[dict[str, Any]]] = {
+    "hinton_kd": [{"name": "hinton_kd", "temperature": 4.0}],
+    "dkd": [{"name": "dkd", "alpha": 1.0, "beta": 2.0, "temperature": 4.0, "warmup_epochs": 1}],
+    "dist": [{"name": "dist", "temperature": 4.0}],
+    "fitnets": [{"name": "fitnets", "student": "stage2", "teacher": "stage2"},
+                {"name": "hinton_kd", "temperature": 4.0}],
+    "attention": [{"name": "attention", "weight": 500.0, "student": "stage2", "teacher": "stage2"},
+                  {"name": "attention", "weight": 500.0, "student": "stage3", "teacher": "stage3"},
+                  {"name": "hinton_kd", "temperature": 4.0}],
+    "rkd": [{"name": "rkd"}],
+    "pkt": [{"name": "pkt", "weight": 10.0}],
+    "crd": [{"name": "crd", "weight": 0.8, "nce_k": 4096},
+            {"name": "hinton_kd", "temperature": 4.0}],
+}
+
+
+def make_cfg(run: Path, model: str, kwargs: dict, epochs: int, seed: int, args,
+             method_args: dict | None = None) -> Config:
+    cfg = load_config(None, [f"run.dir={run}", f"model.name={model}", f"train.epochs={epochs}",
+                             f"train.seed={seed}", "train.progress=false",
+                             f"train.threads={args.threads}", "optim.lr=0.003",
+                             "optim.weight_decay=0.0005", "sched.name=cosine",
+                             "sched.warmup_epochs=0.2", f"data.batch_size={args.batch_size}"])
+    cfg.model.kwargs = dict(kwargs)
+    if method_args is not None:
+        cfg.method, cfg.method_args = "distill", method_args
+    return cfg
+
+
+def timed_fit(cfg: Config, splits: Splits) -> dict[str, Any]:
+    c0, w0 = time.process_time(), time.perf_counter()
+    metrics = fit(cfg, splits=splits, force=True).metrics
+    return {**metrics, "cpu_s": time.process_time() - c0, "wall_s": time.perf_counter() - w0}
+
+
+def accuracy_table(args, splits: Splits, work: Path) -> dict[str, Any]:
+    teacher_run = work / "teacher"
+    console.print(f"[bold]teacher[/] {args.teacher} x {args.teacher_epochs} epochs")
+    tm = timed_fit(make_cfg(teacher_run, args.teacher, {}, args.teacher_epochs, 0, args), splits)
+    teacher_ckpt = str(teacher_run / "best.pt")
+    rows: dict[str, list[dict]] = {"scratch": []}
+    for seed in range(args.seeds):
+        console.print(f"[bold]scratch student[/] seed {seed}")
+        rows["scratch"].append(timed_fit(make_cfg(work / f"scratch{seed}", args.student,
+                                                  args.student_kwargs, args.epochs, seed, args),
+                                         splits))
+        for name in args.methods:
+            console.print(f"[bold]{name}[/] seed {seed}")
+            margs = {"teacher": {"checkpoint": teacher_ckpt}, "losses": METHODS[name],
+                     "cache_dir": str(work / "cache")}
+            cfg = make_cfg(work / f"{name}{seed}", args.student, args.student_kwargs, args.epochs,
+                           seed, args, margs)
+            rows.setdefault(name, []).append(timed_fit(cfg, splits))
+    return {"teacher": {"model": args.teacher, "params": tm["params"], "test_acc": tm["test_acc"],
+                        "cpu_s": tm["cpu_s"], "checkpoint": teacher_ckpt},
+            "students": {k: summarise(v) for k, v in rows.items()}}
+
+
+def summarise(runs: list[dict]) -> dict[str, Any]:
+    accs = [r["test_acc"] for r in runs]
+    return {"test_acc": accs, "mean": statistics.mean(accs),
+            "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+            "params": runs[0]["params"], "cpu_s": statistics.mean(r["cpu_s"] for r in runs)}
+
+
+# ---- throughput --------------------------------------------------------------------------------
+def edgekt_epoch(cfg: Config, splits: Splits) -> float:
+    """Seconds of the training part of one epoch of the engine's loop (no evaluation)."""
+    Trainer(cfg, force=True, splits=splits).run()
+    return json.loads(Path(cfg.run.dir, "summary.json").read_text())["epoch_seconds"]
+
+
+def hand_loop_epoch(teacher: torch.nn.Module, cfg: Config, splits: Splits) -> float:
+    """The minimal KD loop a practitioner would write: same models, batches and optimiser."""
+    torch.manual_seed(cfg.train.seed)
+    student = build_model(cfg.model, splits.info).train()
+    opt = torch.optim.AdamW(student.parameters(), lr=cfg.optim.lr)
+    loader = make_loader(splits.train, splits.info, cfg.data, train=True, seed=cfg.train.seed)
+    t0 = time.perf_counter()
+    for x, y in loader:
+        with torch.no_grad():
+            t_logits = teacher(x)
+        logits = student(x)
+        kd = F.kl_div(F.log_softmax(logits / 4, 1), F.log_softmax(t_logits / 4, 1),
+                      reduction="batchmean", log_target=True) * 16
+        loss = F.cross_entropy(logits, y) + kd
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return time.perf_counter() - t0
+
+
+def torchdistill_epoch(teacher: torch.nn.Module, cfg: Config, splits: Splits) -> float | str:
+    """One epoch of torchdistill's DistillationBox (its own DataLoader) with its KDLoss."""
+    try:
+        from torchdistill.core.distillation import get_distillation_box
+    except ImportError as exc:
+        return f"not installed ({exc.__class__.__name__}); pip install torchdistill"
+    torch.manual_seed(cfg.train.seed)
+    student = build_model(cfg.model, splits.info)
+    loader = make_loader(splits.train, splits.info, cfg.data, train=False)
+    xs, ys = zip(*loader, strict=True)
+    dataset = torch.utils.data.TensorDataset(torch.cat(xs), torch.cat(ys))
+    kd = {"key": "KDLoss", "kwargs": {"student_module_path": ".", "student_module_io": "output",
+                                      "teacher_module_path": ".", "teacher_module_io": "output",
+                                      "temperature": 4.0, "alpha": 0.5, "beta": 1.0}}
+    model_cfg = {"forward_proc": "forward_batch_only", "sequential": [], "frozen_modules": [],
+                 "forward_hook": {"input": [], "output": []}, "wrapper": None}
+    train_config = {
+        "num_epochs": 1,
+        "train_data_loader": {"dataset_id": "train", "requires_supp": False,
+                              "sampler": {"class_or_func": torch.utils.data.RandomSampler,
+                                          "kwargs": {}},
+                              "kwargs": {"batch_size": cfg.data.batch_size, "num_workers": 0}},
+        "teacher": {**model_cfg, "requires_grad": False},
+        "student": {**model_cfg, "requires_grad": True},
+        "optimizer": {"key": "AdamW", "kwargs": {"lr": cfg.optim.lr}},
+        "criterion": {"key": "WeightedSumLoss",
+                      "kwargs": {"sub_terms": {"kd": {"criterion": kd, "weight": 1.0}}}},
+    }
+    box = get_distillation_box(teacher, student, {"train": dataset}, train_config,
+                               torch.device("cpu"), None, False, 1.0)
+    box.pre_epoch_process(epoch=0)
+    t0 = time.perf_counter()
+    for x, y in box.train_data_loader:
+        loss = box.forward_process(x, y)
+        box.post_forward_process(loss=loss)
+    return time.perf_counter() - t0
+
+
+def throughput(args, splits: Splits, work: Path) -> dict[str, Any]:
+    # Small val/test splits: only the training part of the epoch is timed.
+    few = torch.arange(256)
+    splits = Splits(splits.train, splits.val.subset(few), splits.test.subset(few), splits.info)
+    teacher_run = work / "tp_teacher"
+    fit(make_cfg(teacher_run, args.tp_teacher, {}, 1, 0, args), splits=splits, force=True)
+    ckpt = str(teacher_run / "last.pt")
+    teacher, _ = model_from_checkpoint(load_checkpoint(ckpt))
+    teacher.requires_grad_(False)
+    margs = {"teacher": {"checkpoint": ckpt}, "losses": METHODS["hinton_kd"],
+             "cache_dir": str(work / "tp_cache")}
+    base = make_cfg(work / "tp_student", args.student, args.student_kwargs, 1, 0, args)
+    base.sched.name = "none"
+    online = base.model_copy(deep=True)
+    online.method, online.method_args = "distill", {**margs, "cache": "off"}
+    cached = online.model_copy(deep=True)
+    cached.method_args = {**margs, "cache": "on"}
+    Trainer(cached, force=True, splits=splits)  # builds the cache entry once, outside the timing
+    n = len(splits.train)
+    times: dict[str, list[float]] = {"hand": [], "edgekt": [], "edgekt_cache": [],
+                                     "torchdistill": []}
+    td_note = None
+    for _ in range(args.repeats):  # interleaved, best of N: the machine is shared
+        times["hand"].append(hand_loop_epoch(teacher, base, splits))
+        times["edgekt"].append(edgekt_epoch(online, splits))
+        times["edgekt_cache"].append(edgekt_epoch(cached, splits))
+        td = torchdistill_epoch(teacher, base, splits)
+        if isinstance(td, str):
+            td_note = td
+        else:
+            times["torchdistill"].append(td)
+    ips = {k: n / min(v) for k, v in times.items() if v}
+    return {"teacher": args.tp_teacher, "student": args.student, "images": n,
+            "batch_size": args.batch_size, "images_per_s": ips,
+            "edgekt_vs_hand": ips["edgekt"] / ips["hand"],
+            "cache_speedup": ips["edgekt_cache"] / ips["edgekt"],
+            "edgekt_vs_torchdistill": (ips["edgekt"] / ips["torchdistill"]
+                                       if "torchdistill" in ips else None),
+            "torchdistill_note": td_note, "seconds": times}
+
+
+# ---- report ------------------------------------------------------------------------------------
+def print_tables(res: dict[str, Any]) -> None:
+    acc = res["accuracy"]
+    t = acc["teacher"]
+    tab = Table(title=f"Fashion-MNIST distillation ({res['settings']['epochs']} epochs, "
+                      f"{res['settings']['seeds']} seeds)")
+    for col in ("model", "params", "% teacher", "test acc (mean ± std)", "vs scratch",
+                "CPU s/run"):
+        tab.add_column(col, justify="right" if col != "model" else "left")
+    tab.add_row(f"teacher {t['model']}", f"{t['params']:,}", "100%", f"{t['test_acc']:.4f}", "",
+                f"{t['cpu_s']:.0f}")
+    scratch = acc["students"]["scratch"]["mean"]
+    for name, s in acc["students"].items():
+        tab.add_row(name, f"{s['params']:,}", f"{s['params'] / t['params']:.1%}",
+                    f"{s['mean']:.4f} ± {s['std']:.4f}",
+                    "" if name == "scratch" else f"{100 * (s['mean'] - scratch):+.2f} pt",
+                    f"{s['cpu_s']:.0f}")
+    console.print(tab)
+    tp = res["throughput"]
+    tab = Table(title=f"KD epoch throughput ({tp['teacher']} -> {tp['student']}, "
+                      f"{tp['images']} images, batch {tp['batch_size']}, best of "
+                      f"{res['settings']['repeats']})")
+    tab.add_column("loop")
+    tab.add_column("images/s", justify="right")
+    tab.add_column("vs hand loop", justify="right")
+    for k, v in tp["images_per_s"].items():
+        tab.add_row(k, f"{v:.0f}", f"{v / tp['images_per_s']['hand']:.2f}x")
+    console.print(tab)
+    if tp["torchdistill_note"]:
+        console.print(f"torchdistill: {tp['torchdistill_note']}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="2,000 images, 1 seed, 1 epoch")
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--limit", type=int, default=None, help="training images (default: all)")
+    p.add_argument("--teacher", default="cnn_l")
+    p.add_argument("--teacher-epochs", type=int, default=10)
+    p.add_argument("--student", default="cnn_xs")
+    p.add_argument("--student-width", type=float, default=0.875, help="student width_mult")
+    p.add_argument("--tp-teacher", default="cnn_l", help="teacher of the throughput test")
+    p.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default="bench_distill.json")
+    args = p.parse_args()
+    if args.quick:
+        args.epochs, args.seeds, args.teacher_epochs, args.repeats = 1, 1, 2, 1
+        args.limit = args.limit or 2000
+    args.student_kwargs = {"width_mult": args.student_width}
+    torch.set_num_threads(args.threads)
+    load0 = os.getloadavg()[0]
+    splits = build_splits(DataConfig(name="fashion-mnist", limit=args.limit))
+    with tempfile.TemporaryDirectory(prefix="bench_distill_") as tmp:
+        work = Path(tmp)
+        res = {"accuracy": accuracy_table(args, splits, work),
+               "throughput": throughput(args, splits, work)}
+    res["settings"] = {k: v for k, v in vars(args).items()}
+    res["machine"] = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                      "torch": torch.__version__, "loadavg_start": load0,
+                      "loadavg_end": os.getloadavg()[0]}
+    print_tables(res)
+    Path(args.out).write_text(json.dumps(res, indent=2, default=str))
+    console.print(f"written {args.out} (load average {load0:.1f} -> {os.getloadavg()[0]:.1f})")
+
+
+if __name__ == "__main__":
+    main()
