@@ -436,3 +436,31 @@ class PrototypeClassifier:
 def _check_label(label: object) -> None:
     if not isinstance(label, str) or not label.strip():
         raise EdgektError(f"a label must be a non-empty string, got {label!r}")
+
+
+STATE_FILE = "fewshot_state.npz"
+
+
+def default_state_path(package: str | Path) -> Path:
+    """Where a package's classifier state lives: ``DIR/fewshot_state.npz`` for an export
+    directory, ``MODEL.fewshot.npz`` beside a single model file."""
+    p = Path(package)
+    return p / STATE_FILE if p.is_dir() else p.with_name(p.stem + ".fewshot.npz")
+
+
+def open_classifier(package: str | Path, state: str | Path | None = None, *,
+                    threads: int | None = None, backend: str | None = None,
+                    recover: bool = False) -> PrototypeClassifier:
+    """A ``PrototypeClassifier`` on a package's embedding model and its saved state.
+
+    Without a state file (``edgekt fewshot package`` writes one with the calibration) the
+    classifier starts empty with default settings and never rejects (no threshold).
+    """
+    from edgekt.devices.model import EdgeModel
+
+    model = EdgeModel.load(package, backend=backend, threads=threads, part="embedding")
+    if model.task not in (None, "embedding"):
+        raise EdgektError(f"{package}: holds a {model.task} model; few-shot needs an embedding "
+                          f"model (edgekt export CHECKPOINT --part embedding, or edgekt fewshot "
+                          f"package)")
+    return PrototypeClassifier(model, state or default_state_path(package), recover=recover)

@@ -7,7 +7,7 @@ import sys
 import typer
 from rich.console import Console
 
-from edgekt.cli import distill, export, profile, train
+from edgekt.cli import distill, export, fewshot, profile, train
 from edgekt.errors import EdgektError
 
 app = typer.Typer(
@@ -26,6 +26,7 @@ app.command("models")(train.list_models)
 app.command("datasets")(train.list_datasets)
 app.command("profile")(profile.profile)
 app.add_typer(profile.devices_app, name="devices")
+app.add_typer(fewshot.app, name="fewshot")
 
 
 def main() -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -247,3 +248,51 @@ def evaluate_setup(setup: FewShotSetup, embedders: dict[str, Embedder], novel: T
                      for k in shots}
     return out
 
+
+
+def fewshot_evaluate(checkpoint: str | Path, *, package: str | Path | None = None,
+                     dataset: str | None = None, novel: list[int] | None = None,
+                     ways: int | None = None, shots: Sequence[int] = (1, 5), queries: int = 15,
+                     episodes: int = 600, seed: int = 0, transform: str = "auto",
+                     split: str = "test", data_dir: str | None = None, open_set: bool = True,
+                     threads: int | None = None) -> dict[str, Any]:
+    """The whole protocol on a checkpoint (and, with ``package``, on its exported embedding
+    model through ``edgekt.devices``): accuracy ± 95% CI per shot, host/device agreement,
+    and open-set false-accept/false-reject rates of a base-calibrated threshold."""
+    from edgekt.engine.checkpoint import load_checkpoint
+
+    setup = FewShotSetup.from_checkpoint(load_checkpoint(checkpoint), str(checkpoint), transform)
+    novel_split = setup.novel_split(dataset, novel, split, data_dir)
+    n_classes = len(torch.unique(novel_split.targets))
+    ways = ways or min(5, n_classes)
+    embedders: dict[str, Embedder] = {"torch": TorchEmbedder(setup.model, setup.info)}
+    if package is not None:
+        from edgekt.devices.model import EdgeModel
+
+        embedders["device"] = EdgeModel.load(package, threads=threads, part="embedding")
+    center = setup.center(embedders["torch"], data_dir)
+    results = evaluate_setup(setup, embedders, novel_split, ways=ways, shots=shots,
+                             queries=queries, episodes=episodes, seed=seed, center=center)
+    report: dict[str, Any] = {
+        "checkpoint": str(checkpoint), "dataset": dataset or setup.config.data.name,
+        "novel_classes": novel if novel is not None else "complement of base classes"
+        if dataset in (None, setup.config.data.name) else "all",
+        "n_novel_classes": n_classes, "split": split, "transform": setup.transform,
+        "metric": setup.metric, "method": setup.method.get("method"),
+        "results": {name: [r.as_dict() for r in res.values()] for name, res in results.items()},
+    }
+    if "device" in results:
+        report["agreement"] = {k: agreement(results["torch"][k], results["device"][k])
+                               for k in shots}
+    if open_set:
+        base = build_splits(setup.base_data(data_dir))
+        calib = base.val if len(base.val) else base.test
+        torch_emb = embedders["torch"]
+        tf = setup.transform
+        base_emb = transform_embeddings(embed_in_chunks(torch_emb, raw_images(calib)), tf, center)
+        nov_emb = transform_embeddings(embed_in_chunks(torch_emb, raw_images(novel_split)), tf,
+                                       center)
+        rates = open_set_report(setup, base_emb, calib.targets.numpy(), nov_emb,
+                                novel_split.targets.numpy(), seed=seed)
+        report["open_set"] = {k: v.as_dict() for k, v in rates.items()}
+    return report

@@ -46,6 +46,8 @@ class ProtoNetArgs(Strict):
     """Weight of an auxiliary base-class cross-entropy through the backbone (0: probe only)."""
     eval_episodes: int = Field(200, ge=2)
     """Episodes (same spec, base-class val/test images) for the loop's val/test accuracy."""
+    eval_images: int = Field(2000, ge=10)
+    """At most this many val/test images are embedded for those episodes."""
 
 
 def pairwise_logits(query: torch.Tensor, prototypes: torch.Tensor, metric: Metric,
@@ -160,6 +162,9 @@ class ProtoNetTask(Task):
         )
 
         data = self.splits_eval[split]
+        if len(data) > self.args.eval_images:  # a fixed random subset keeps epochs cheap
+            g = torch.Generator().manual_seed(54321)
+            data = data.subset(torch.randperm(len(data), generator=g)[: self.args.eval_images])
         n_way = min(self.spec.n_way, len(torch.unique(data.targets)))
         spec = EpisodeSpec(n_way, self.spec.k_shot, self.spec.n_query)
         was_training = model.training
