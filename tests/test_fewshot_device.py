@@ -1,0 +1,387 @@
+"""Device side of few-shot: PrototypeClassifier on a real exported embedding model (onnxruntime
+through edgekt.devices), persistence under SIGKILL, corrupt state, bad input, host/device
+agreement, and the `edgekt fewshot` commands end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from edgekt.devices.fewshot import (
+    PrototypeClassifier,
+    calibrate,
+    class_means,
+    distances,
+    transform_embeddings,
+)
+from edgekt.devices.state import StateCorruptError
+
+from edgekt.errors import EdgektError
+
+torch.set_num_threads(1)
+PY = sys.executable
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def proto_run(tmp_path_factory):
+    """A cnn_xs ProtoNet trained for 30 episodes on Fashion-MNIST base classes 0-5."""
+    from edgekt.config import load_config
+    from edgekt.engine import fit
+
+    run = tmp_path_factory.mktemp("proto_run")
+    cfg = load_config(None, [
+        f"run.dir={run}", "model.name=cnn_xs", "method=protonet",
+        "method_args={n_way: 6, k_shot: 5, n_query: 5, eval_episodes: 20, eval_images: 300}",
+        "data.classes=[0,1,2,3,4,5]", "data.limit=1500", "data.batch_size=50",
+        "optim.lr=0.003", "train.epochs=1", "train.progress=false", "train.threads=1"])
+    fit(cfg)
+    return run / "last.pt"
+
+
+@pytest.fixture(scope="module")
+def embedding_onnx(proto_run, tmp_path_factory) -> Path:
+    """The checkpoint's embedding exported to one .onnx file with edgekt metadata."""
+    from edgekt.exporters.meta import build_meta
+    from edgekt.exporters.onnx_export import export_onnx
+
+    from edgekt.engine.checkpoint import load_checkpoint
+    from edgekt.engine.setup import model_from_checkpoint
+    from edgekt.models import Embedding
+
+    model, info = model_from_checkpoint(load_checkpoint(proto_run))
+    path = tmp_path_factory.mktemp("emb") / "embedding.onnx"
+    meta = build_meta(info, part="embedding", model_name="cnn_xs",
+                      embedding_dim=model.embedding_dim, dynamic_batch=True)
+    export_onnx(Embedding(model), meta, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def device_model(embedding_onnx):
+    from edgekt.devices import EdgeModel
+
+    return EdgeModel.load(embedding_onnx, threads=1)
+
+
+@pytest.fixture(scope="module")
+def novel_images():
+    """Real Fashion-MNIST test images of the novel classes 6-9: raw uint8 (N, 28, 28), labels."""
+    from edgekt.config import DataConfig
+    from edgekt.data import build_splits
+
+    test = build_splits(DataConfig(name="fashion-mnist", val_fraction=0.0)).test
+    keep = test.targets >= 6
+    return test.images[keep][:, 0].numpy(), test.targets[keep].numpy()
+
+
+def _take(images, labels, cls, n, start=0):
+    return images[labels == cls][start:start + n]
+
+
+# ---- pure maths ----
+def test_transforms_and_distances_by_hand():
+    q = np.array([[3.0, 4.0]])
+    p = np.array([[0.0, 0.0], [3.0, 0.0]])
+    assert distances(q, p, "euclidean").tolist() == [[25.0, 16.0]]
+    assert distances(q, p[1:], "cosine")[0] == pytest.approx([1 - 0.6])
+    assert transform_embeddings(q, "l2")[0] == pytest.approx([0.6, 0.8])
+    assert transform_embeddings(q, "cl2n", np.array([3.0, 0.0]))[0] == pytest.approx([0.0, 1.0])
+    assert class_means(np.array([[1.0], [3.0], [5.0]]), np.array([0, 0, 1]), 2).tolist() == \
+        [[2.0], [5.0]]
+    with pytest.raises(EdgektError, match="center"):
+        transform_embeddings(q, "cl2n")
+
+
+def test_calibrate_hits_the_target_false_reject_rate():
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(6), 100)
+    emb = np.eye(6)[y] * 4 + rng.normal(0, 0.5, (600, 6))
+    r = calibrate(emb, y, shots=5, target_frr=0.1, trials=30)
+    assert r.false_reject_rate == pytest.approx(0.1, abs=0.01)
+    assert r.false_accept_rate < 0.05  # well-separated classes: unknowns are far
+    with pytest.raises(EdgektError, match=">= 2 classes"):
+        calibrate(emb[y == 0], y[y == 0])
+
+
+# ---- the classifier ----
+def test_torch_free_import():
+    code = ("import sys, edgekt.devices.fewshot, edgekt.devices; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([PY, "-c", code], check=True, cwd=ROOT)
+
+
+def test_enroll_predict_running_mean_remove_reload(device_model, novel_images, tmp_path):
+    imgs, y = novel_images
+    state = tmp_path / "s.npz"
+    clf = PrototypeClassifier(device_model, state)
+    assert clf.enroll("Sneaker 👟", _take(imgs, y, 7, 3)) == 3
+    assert clf.enroll("bag", list(_take(imgs, y, 8, 5))) == 5  # a list of images works too
+    assert clf.enroll("Sneaker 👟", _take(imgs, y, 7, 2, start=3)) == 5  # re-enroll adds shots
+    assert clf.labels() == ["Sneaker 👟", "bag"] and clf.shots("Sneaker 👟") == 5
+    # The running mean equals enrolling all five shots at once.
+    once = PrototypeClassifier(device_model, tmp_path / "once.npz")
+    once.enroll("x", _take(imgs, y, 7, 5))
+    assert np.allclose(clf._protos[0], once._protos[0], atol=1e-6)
+    # replace=True starts the class over.
+    assert once.enroll("x", _take(imgs, y, 7, 1, start=10), replace=True) == 1
+
+    queries, truth = [], []
+    for cls, name in ((7, "Sneaker 👟"), (8, "bag")):
+        queries += list(_take(imgs, y, cls, 40, start=20))
+        truth += [name] * 40
+    preds = clf.predict_batch(queries)
+    acc = np.mean([p.label == t for p, t in zip(preds, truth, strict=True)])
+    assert acc > 0.8, acc
+    assert all(0.5 <= p.score <= 1.0 and p.distance >= 0 for p in preds)
+
+    reloaded = PrototypeClassifier(device_model, state)  # a restart
+    assert reloaded.labels() == clf.labels() and reloaded.shots("bag") == 5
+    assert [p.label for p in reloaded.predict_batch(queries)] == [p.label for p in preds]
+    reloaded.remove("bag")
+    assert PrototypeClassifier(device_model, state).labels() == ["Sneaker 👟"]
+    with pytest.raises(EdgektError, match="not enrolled"):
+        reloaded.remove("bag")
+
+
+def test_threshold_rejects_unknowns_and_calibration_persists(device_model, novel_images,
+                                                             tmp_path):
+    imgs, y = novel_images
+    clf = PrototypeClassifier(device_model, tmp_path / "s.npz")
+    calib_x = np.concatenate([_take(imgs, y, c, 40) for c in (6, 7, 8, 9)])
+    calib_y = np.repeat(["shirt", "sneaker", "bag", "boot"], 40)
+    rates = clf.calibrate_threshold(calib_x, calib_y, shots=5, target_frr=0.1)
+    assert 0.0 <= rates.false_accept_rate <= 1.0
+    assert rates.false_reject_rate == pytest.approx(0.1, abs=0.03)
+    clf.enroll("sneaker", _take(imgs, y, 7, 5, start=100))
+    known = clf.predict_batch(_take(imgs, y, 7, 50, start=200))
+    unknown = clf.predict_batch(_take(imgs, y, 8, 50, start=200))  # bags were never enrolled
+    assert np.mean([p.known for p in known]) > np.mean([p.known for p in unknown])
+    assert all(p.nearest == "sneaker" for p in unknown)
+    assert PrototypeClassifier(device_model, tmp_path / "s.npz").threshold == rates.threshold
+    clf.set_threshold(0.0)
+    assert clf.predict(imgs[0]).label is None
+    clf.set_threshold(None)
+    assert clf.predict(imgs[0]).label == "sneaker"
+    with pytest.raises(EdgektError, match="threshold"):
+        clf.set_threshold(float("nan"))
+
+
+def test_bad_input_is_refused_and_changes_nothing(device_model, novel_images, tmp_path):
+    imgs, y = novel_images
+    state = tmp_path / "s.npz"
+    clf = PrototypeClassifier(device_model, state)
+    with pytest.raises(EdgektError, match="no class enrolled"):
+        clf.predict(imgs[0])
+    with pytest.raises(EdgektError, match="no samples"):
+        clf.enroll("a", [])
+    with pytest.raises(EdgektError, match="no samples"):
+        clf.enroll("a", np.zeros((0, 28, 28), np.uint8))
+    assert not state.exists()  # nothing was committed
+    clf.enroll("a", _take(imgs, y, 6, 2))
+    generation = clf.generation
+    with pytest.raises(EdgektError, match="uint8 input of shape"):
+        clf.enroll("a", np.zeros((2, 28, 28, 7), np.uint8))  # 7 channels
+    with pytest.raises(EdgektError):
+        clf.enroll("a", np.zeros((2, 5), np.float32))  # not images
+    nan = np.full((1, 1, 28, 28), np.nan, np.float32)
+    with pytest.raises(EdgektError, match="NaN"):
+        clf.enroll("a", nan)
+    with pytest.raises(EdgektError, match="non-empty string"):
+        clf.enroll("  ", _take(imgs, y, 6, 1))
+    with pytest.raises(EdgektError, match="non-empty string"):
+        clf.enroll(3, _take(imgs, y, 6, 1))  # type: ignore[arg-type]
+    assert clf.generation == generation and clf.shots("a") == 2
+    reloaded = PrototypeClassifier(device_model, state)
+    assert reloaded.labels() == ["a"] and reloaded.shots("a") == 2
+
+
+class _Fixed:
+    """An embedder with a chosen embedding size (a different model)."""
+
+    def __init__(self, dim: int) -> None:
+        self.dim = dim
+
+    def embed(self, raw):
+        return np.ones((len(raw), self.dim))
+
+
+def test_state_of_another_model_is_refused(device_model, novel_images, tmp_path):
+    imgs, y = novel_images
+    PrototypeClassifier(device_model, tmp_path / "s.npz").enroll("a", _take(imgs, y, 6, 2))
+    other = PrototypeClassifier(_Fixed(7), tmp_path / "s.npz")
+    with pytest.raises(EdgektError, match="another model"):
+        other.predict(imgs[0])
+
+
+# ---- crash safety ----
+CHILD = textwrap.dedent("""
+    import sys, time
+    import numpy as np
+    from edgekt.devices import EdgeModel
+    from edgekt.devices.fewshot import PrototypeClassifier
+    model_path, state, images, mode = sys.argv[1:5]
+    clf = PrototypeClassifier(EdgeModel.load(model_path, threads=1), state)
+    imgs = np.load(images, allow_pickle=False)
+    assert "torch" not in sys.modules
+    i = 0
+    while True:
+        label = f"class {i}"
+        n = clf.enroll(label, imgs[(5 * i) % 95:(5 * i) % 95 + 5])
+        print(label, n, flush=True)  # the enrollment has returned
+        i += 1
+        if mode == "once":
+            time.sleep(60)
+""")
+
+
+def _run_and_kill(tmp_path, embedding_onnx, imgs, mode: str, kill_after: int) -> list[str]:
+    script, images = tmp_path / "child.py", tmp_path / "imgs.npy"
+    script.write_text(CHILD)
+    np.save(images, imgs[:100])
+    proc = subprocess.Popen([PY, str(script), str(embedding_onnx), str(tmp_path / "s.npz"),
+                             str(images), mode], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    returned = []
+    try:
+        for line in proc.stdout:
+            returned.append(line.rsplit(" ", 1)[0])
+            if len(returned) >= kill_after:
+                os.kill(proc.pid, signal.SIGKILL)
+                break
+        returned += [line.rsplit(" ", 1)[0] for line in proc.stdout]  # printed before death
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    return returned
+
+
+def test_enrollment_survives_sigkill_right_after_it_returns(device_model, embedding_onnx,
+                                                            novel_images, tmp_path):
+    returned = _run_and_kill(tmp_path, embedding_onnx, novel_images[0], "once", 1)
+    clf = PrototypeClassifier(device_model, tmp_path / "s.npz")
+    assert clf.labels() == returned == ["class 0"] and clf.shots("class 0") == 5
+
+
+def test_no_returned_enrollment_lost_when_killed_mid_stream(device_model, embedding_onnx,
+                                                            novel_images, tmp_path):
+    returned = _run_and_kill(tmp_path, embedding_onnx, novel_images[0], "loop", 12)
+    clf = PrototypeClassifier(device_model, tmp_path / "s.npz")  # loads: the state is intact
+    assert len(returned) >= 12
+    assert set(returned) <= set(clf.labels())
+    # At most the one enrollment in flight at the kill may have landed without being reported.
+    assert len(clf.labels()) - len(returned) in (0, 1)
+
+
+def test_corrupt_state_is_refused_with_backup_kept(device_model, novel_images, tmp_path):
+    imgs, y = novel_images
+    state = tmp_path / "s.npz"
+    clf = PrototypeClassifier(device_model, state)
+    clf.enroll("a", _take(imgs, y, 6, 2))
+    clf.enroll("b", _take(imgs, y, 7, 2))
+    good_prev = (tmp_path / "s.npz.prev").read_bytes()
+    state.write_bytes(state.read_bytes()[:200])  # torn / damaged file
+    damaged = state.read_bytes()
+    with pytest.raises(StateCorruptError, match="recover"):
+        PrototypeClassifier(device_model, state)
+    # Refusing touched nothing: the damaged file and the backup are both still there.
+    assert state.read_bytes() == damaged
+    assert (tmp_path / "s.npz.prev").read_bytes() == good_prev
+    restored = PrototypeClassifier(device_model, state, recover=True)
+    assert restored.labels() == ["a"]  # the previous generation, lacking only the last change
+    assert (tmp_path / "s.npz.corrupt").read_bytes() == damaged
+    assert PrototypeClassifier(device_model, state).labels() == ["a"]
+
+
+def test_corrupt_state_without_backup_never_starts_empty(device_model, novel_images, tmp_path):
+    imgs, y = novel_images
+    state = tmp_path / "s.npz"
+    PrototypeClassifier(device_model, state).enroll("a", _take(imgs, y, 6, 2))
+    state.write_bytes(b"garbage")
+    with pytest.raises(StateCorruptError, match="no previous generation"):
+        PrototypeClassifier(device_model, state)
+    with pytest.raises(StateCorruptError):
+        PrototypeClassifier(device_model, state, recover=True)
+    assert state.read_bytes() == b"garbage"
+
+
+def test_state_of_another_kind_is_refused(device_model, tmp_path):
+    from edgekt.devices.state import State, save_state
+
+    save_state(tmp_path / "s.npz", State({"w": np.zeros(3)}, {"format": "something/1"}))
+    with pytest.raises(StateCorruptError, match="not a valid few-shot classifier state"):
+        PrototypeClassifier(device_model, tmp_path / "s.npz")
+
+
+# ---- host / device ----
+def test_host_and_device_agree_on_the_same_episodes(proto_run, embedding_onnx):
+    from edgekt.fewshot.evaluate import fewshot_evaluate
+
+    report = fewshot_evaluate(proto_run, package=embedding_onnx, shots=(1, 5), episodes=100,
+                              queries=10)
+    assert report["n_novel_classes"] == 4
+    for k in (1, 5):
+        assert report["agreement"][k] >= 0.995, report["agreement"]
+    host, dev = report["results"]["torch"], report["results"]["device"]
+    for h, d in zip(host, dev, strict=True):
+        assert abs(h["acc"] - d["acc"]) < 0.005 and h["n_way"] == 4
+        assert h["acc"] > 0.4  # well above 4-way chance after 30 episodes
+    assert host[1]["acc"] > host[0]["acc"]  # 5-shot beats 1-shot
+    for where in ("base", "novel"):
+        r = report["open_set"][where]
+        assert 0 <= r["false_accept_rate"] <= 1 and 0 <= r["false_reject_rate"] <= 1
+    assert report["open_set"]["base"]["false_reject_rate"] == pytest.approx(0.05, abs=0.02)
+
+
+@pytest.mark.slow
+def test_cli_package_enroll_predict_on_png_files(proto_run, novel_images, tmp_path):
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from edgekt.cli.app import app
+
+    imgs, y = novel_images
+    files = {}
+    for cls, name in ((7, "sneaker"), (8, "bag")):
+        for i, img in enumerate(_take(imgs, y, cls, 8)):
+            path = tmp_path / f"{name}{i}.{'png' if i % 2 else 'jpg'}"
+            Image.fromarray(img).convert("RGB").save(path)  # RGB files, as a phone would
+            files.setdefault(name, []).append(str(path))
+    pkg = tmp_path / "pkg"
+    runner = CliRunner()
+
+    def run(*args):
+        res = runner.invoke(app, [str(a) for a in args])
+        if res.exception and not isinstance(res.exception, SystemExit):
+            raise res.exception
+        assert res.exit_code == 0, res.output
+        return res.stdout
+
+    run("fewshot", "package", proto_run, pkg, "--shots", "5")
+    assert (pkg / "manifest.json").is_file() and (pkg / "fewshot_state.npz").is_file()
+    with pytest.raises(EdgektError, match="no class enrolled"):
+        run("fewshot", "predict", pkg, files["bag"][0])
+    run("fewshot", "enroll", pkg, "sneaker", *files["sneaker"][:5])
+    out = run("fewshot", "enroll", pkg, "bag", *files["bag"][:5])
+    assert "'bag': 5 shot(s); 2 class(es)" in out
+    rows = json.loads(run("fewshot", "predict", pkg, *files["sneaker"][5:], *files["bag"][5:],
+                          "--json"))
+    assert [r["nearest"] for r in rows] == ["sneaker"] * 3 + ["bag"] * 3
+    listed = json.loads(run("fewshot", "list", pkg, "--json"))
+    assert listed["labels"] == {"sneaker": 5, "bag": 5} and listed["threshold"] > 0
+    run("fewshot", "remove", pkg, "bag")
+    assert json.loads(run("fewshot", "list", pkg, "--json"))["labels"] == {"sneaker": 5}
+    with pytest.raises(EdgektError, match="not a readable image"):
+        bad = tmp_path / "bad.png"
+        bad.write_bytes(b"not a png")
+        run("fewshot", "enroll", pkg, "x", bad)
+    with pytest.raises(EdgektError, match="exists"):
+        run("fewshot", "package", proto_run, pkg)
