@@ -8,6 +8,10 @@ from typing import Annotated
 import typer
 
 ConfigArg = Annotated[Path, typer.Argument(help="YAML config file.", show_default=False)]
+OptionalConfigArg = Annotated[
+    Path | None, typer.Argument(help="YAML config file (default: built-in defaults).",
+                                show_default=False)
+]
 SetOpt = Annotated[
     list[str] | None,
     typer.Option("--set", "-s", help="Override a config key, e.g. --set optim.lr=0.01 (repeat)."),

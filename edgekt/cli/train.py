@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from edgekt.cli.options import (
-    ConfigArg,
+    OptionalConfigArg,
     DataDirOpt,
     DeviceOpt,
     ForceOpt,
@@ -26,7 +26,7 @@ console = Console()
 
 
 def train(
-    config: ConfigArg,
+    config: OptionalConfigArg = None,
     set_: SetOpt = None,
     resume: ResumeOpt = False,
     force: ForceOpt = False,

@@ -11,6 +11,7 @@ import hashlib
 import io
 import pickle
 import random
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -39,9 +40,13 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        detail = re.search(r"(?:unsupported GLOBAL|Unsupported global)[^\n]*", str(exc))
+        if detail is None:
+            raise EdgektError(f"{p}: corrupt or truncated checkpoint (not a torch file)") from None
         raise EdgektError(
             f"{p}: refused to load: the file holds Python objects other than tensors and plain "
-            f"values (possibly code). edgekt never unpickles such files. Detail: {str(exc)[:200]}"
+            f"values ({detail.group(0).strip()}). edgekt never unpickles such files; re-save the "
+            f"weights as a state dict or safetensors."
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
         raise EdgektError(f"{p}: corrupt or truncated checkpoint ({str(exc)[:200]})") from None

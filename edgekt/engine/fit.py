@@ -28,7 +28,7 @@ from edgekt.engine.setup import (
     set_train_mode,
     to_device,
 )
-from edgekt.engine.tasks import METHODS, Task
+from edgekt.engine.tasks import Task, get_method
 from edgekt.errors import EdgektError
 from edgekt.models import EdgeNet, count_params
 
@@ -76,7 +76,7 @@ class Trainer:
         self.splits = splits or build_splits(cfg.data)
         info = self.splits.info
         self.model: EdgeNet = build_model(cfg.model, info, cfg.finetune)
-        self.task: Task = METHODS.get(cfg.method)(cfg, self.model, self.splits, self.rt.device)
+        self.task: Task = get_method(cfg.method)(cfg, self.model, self.splits, self.rt.device)
         self.model = to_device(self.model, self.rt.device, cfg.train.channels_last)
         self.task.to(self.rt.device)
         self.train_loader = make_loader(self.splits.train, info, cfg.data, train=True,

@@ -7,6 +7,7 @@ that goes into the checkpoint through ``state_dict``.
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +20,16 @@ from edgekt.data import Splits
 from edgekt.registry import Registry
 
 METHODS: Registry = Registry("method")
+
+# Method families register themselves on import; the engine imports them explicitly here.
+METHOD_PACKAGES = ("edgekt.distill", "edgekt.fewshot", "edgekt.methods")
+
+
+def get_method(name: str) -> type[Task]:
+    """The Task class registered as ``name`` (importing every method family first)."""
+    for package in METHOD_PACKAGES:
+        importlib.import_module(package)
+    return METHODS.get(name)
 
 
 @dataclass
