@@ -4,6 +4,7 @@ exact resume and the ``edgekt distill`` command, on real Fashion-MNIST slices.""
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -270,3 +271,39 @@ def test_cli_end_to_end_writes_student_only_checkpoint(tmp_path, tiny_checkpoint
     with pytest.raises(SystemExit) as exit_:
         main()
     assert exit_.value.code == 2 and "--resume" in capsys.readouterr().err
+
+
+DDP_SCRIPT = """
+import sys, torch, torch.distributed as dist
+torch.set_num_threads(1)
+from edgekt.config import load_config
+from edgekt.engine import Trainer
+teacher, run, cache = sys.argv[1:4]
+cfg = load_config(None, [f"run.dir={run}", "model.name=cnn_s", "method=distill", "train.epochs=1",
+                         "train.progress=false", "data.limit=256", "data.batch_size=32",
+                         "train.device=cpu"])
+cfg.method_args = {"teacher": {"checkpoint": teacher}, "cache_dir": cache,
+                   "losses": [{"name": "crd", "nce_k": 32},
+                              {"name": "fitnets", "student": "stage3", "teacher": "stage3"}]}
+trainer = Trainer(cfg, force=True)
+trainer.run(stop_after_steps=3)
+task = trainer.task
+vec = torch.cat([p.detach().flatten() for p in task.parameters()]
+                + [b.flatten() for n, b in task.named_buffers() if "memory" in n or "log_z" in n])
+out = [torch.empty_like(vec) for _ in range(2)]
+dist.all_gather(out, vec)
+if dist.get_rank() == 0:
+    print("KD_STATE_EQUAL", torch.equal(out[0], out[1]))
+"""
+
+
+@pytest.mark.slow
+def test_ddp_keeps_adapters_and_memory_bank_identical_across_ranks(tmp_path, tiny_checkpoint):
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", str(script),
+           str(tiny_checkpoint), str(tmp_path / "run"), str(tmp_path / "cache")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "KD_STATE_EQUAL True" in proc.stdout

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -81,9 +82,13 @@ class CRDMemory(nn.Module):
     def forward(self, s: torch.Tensor, t: torch.Tensor, pos: torch.Tensor, temperature: float
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Return (student scores, teacher scores, log Z), scores of shape (B, 1 + K)."""
-        idx = self.row_of[pos]
-        s = F.normalize(self.embed_s(s.float()), dim=1)
-        t = F.normalize(self.embed_t(t.float()), dim=1)
+        with torch.autocast(s.device.type, enabled=False):  # similarities / T: keep fp32
+            return self._scores(s.float(), t.float(), self.row_of[pos], temperature)
+
+    def _scores(self, s: torch.Tensor, t: torch.Tensor, idx: torch.Tensor, temperature: float
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        s = F.normalize(self.embed_s(s), dim=1)
+        t = F.normalize(self.embed_t(t), dim=1)
         # Column 0 is the positive (the sample's own row), the rest uniform negatives.
         neg = torch.randint(0, self.n_data, (len(idx), self.nce_k), device=idx.device)
         rows = torch.cat([idx.unsqueeze(1), neg], 1)
@@ -94,6 +99,10 @@ class CRDMemory(nn.Module):
                 for i, sc in enumerate((s_scores, t_scores)):
                     z = torch.logsumexp(sc.flatten() / temperature, 0)
                     self.log_z[i] = z - math.log(sc.numel()) + math.log(self.n_data)
+                if _distributed():  # one Z for all ranks: rank 0's
+                    dist.broadcast(self.log_z, 0)
+            if _distributed():  # every rank's bank sees every rank's samples
+                idx, s, t = (_all_gather(v) for v in (idx, s.detach(), t.detach()))
             self._update(self.memory_s, idx, s)
             self._update(self.memory_t, idx, t)
         return s_scores, t_scores, self.log_z.clone()
@@ -101,3 +110,38 @@ class CRDMemory(nn.Module):
     def _update(self, bank: torch.Tensor, idx: torch.Tensor, v: torch.Tensor) -> None:
         new = bank[idx] * self.momentum + v.detach().to(bank.dtype) * (1 - self.momentum)
         bank[idx] = F.normalize(new, dim=1)
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _all_gather(v: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``v`` from every rank (the loader gives all ranks equal batch sizes)."""
+    out = [torch.empty_like(v) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, v.contiguous())
+    return torch.cat(out)
+
+
+def sync_across_ranks(module: nn.Module) -> None:
+    """Under DDP, start ``module`` from rank 0's state and average its gradients over ranks
+    after each backward.
+
+    DDP only synchronises the wrapped student; the task's own trainable parts (adapters, CRD
+    projections) would otherwise be initialised with each rank's seed and drift apart. Averaging
+    after every micro-step is also correct with gradient accumulation (the already-averaged part
+    is equal on all ranks).
+    """
+    if not _distributed():
+        return
+    world = dist.get_world_size()
+    for tensor in [*module.parameters(), *module.buffers()]:
+        dist.broadcast(tensor.data, 0)
+    params = [p for p in module.parameters() if p.requires_grad]
+
+    def hook(p: torch.Tensor) -> None:
+        dist.all_reduce(p.grad)
+        p.grad.div_(world)
+
+    for p in params:
+        p.register_post_accumulate_grad_hook(hook)

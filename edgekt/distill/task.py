@@ -23,7 +23,7 @@ from torch import nn
 from edgekt.config import Config, Strict, validate
 from edgekt.data import Splits, make_loader
 from edgekt.distill import cache as tcache
-from edgekt.distill.bridges import Adapter, CRDMemory
+from edgekt.distill.bridges import Adapter, CRDMemory, sync_across_ranks
 from edgekt.distill.losses import KD_LOSSES, KDLoss
 from edgekt.distill.taps import FeatureTaps
 from edgekt.distill.teacher import TeacherConfig, load_teacher, renormaliser
@@ -150,6 +150,7 @@ class DistillTask(Task):
             key = term.name if unique else f"{term.name}{i}"
             self.terms.append(Term(key, spec, term, fn_opts, bridge))
 
+        sync_across_ranks(self.terms)
         self.teacher.to(device)
         if cfg.train.channels_last and device.type == "cuda":
             self.teacher.to(memory_format=torch.channels_last)
