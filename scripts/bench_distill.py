@@ -33,7 +33,7 @@ from edgekt.engine import Trainer, fit
 from edgekt.engine.checkpoint import load_checkpoint
 from edgekt.engine.setup import build_model, model_from_checkpoint
 
-console = Console()
+console = Console(width=max(Console().width, 120))  # keep table rows on one line in logs
 
 # Per-method KD terms, as in edgekt/configs/distill_*.yaml.
 METHODS: dict[str, list[dict[str, Any]]] = {

@@ -172,6 +172,7 @@ class DistillTask(Task):
         model.eval()
         s = {k: tuple(v.shape) for k, v in self.s_taps.collect(model(x)).items()}
         model.train(was)
+        x = x.to(next(self.teacher.parameters()).device)
         t = {k: tuple(v.shape) for k, v in self.t_taps.collect(self.teacher(x)).items()}
         return s, t
 
