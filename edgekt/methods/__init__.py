@@ -3,4 +3,4 @@
 Importing this package registers the methods in ``edgekt.engine.tasks.METHODS``.
 """
 
-from edgekt.methods import dann, multitask  # noqa: F401  (registration)
+from edgekt.methods import dann, maml, matching, multitask, relation, siamese  # noqa: F401

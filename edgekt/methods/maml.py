@@ -1,0 +1,145 @@
+"""MAML: model-agnostic meta-learning (Finn, Abbeel & Levine, ICML 2017).
+
+Each training step samples ``meta_batch`` episodes; for each, an explicit inner loop adapts a
+copy of the parameters to the support set with ``inner_steps`` gradient steps (through
+``torch.func.functional_call``, so the model itself is never modified), and the query loss of
+the adapted parameters is the meta-loss that the ordinary ``fit()`` optimiser minimises.
+``first_order: false`` back-propagates through the inner loop (second-order MAML);
+``first_order: true`` drops those second derivatives (FOMAML). ``adapt: head`` adapts only the
+episode head in the inner loop (ANIL, Raghu et al. 2020), much cheaper on a CPU.
+
+The episode head (``n_way`` outputs) is meta-learned too and starts at zero, so every class
+starts symmetric whatever the episode's label order. Batch normalisation uses the statistics
+of the batch at hand (support, then query), as in the original MAML; evaluation never changes
+the model's running statistics.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+from torch.func import functional_call
+
+from edgekt.config import Config, validate
+from edgekt.data import Splits, TensorSplit
+from edgekt.engine.tasks import METHODS, StepOutput
+from edgekt.errors import EdgektError
+from edgekt.fewshot.episodes import EpisodeSpec
+from edgekt.fewshot.evaluate import FewShotResult
+from edgekt.methods.episodic import EpisodeArgs, EpisodicTask, evaluate_image_episodes, unwrap
+from edgekt.models import EdgeNet, Embedding
+
+Params = dict[str, torch.Tensor]
+
+
+class MamlArgs(EpisodeArgs):
+    """``method_args`` of ``method: maml``."""
+
+    inner_steps: int = Field(5, ge=1)
+    """Inner-loop gradient steps during meta-training."""
+    eval_inner_steps: int = Field(10, ge=1)
+    """Inner-loop steps when adapting to an evaluation episode."""
+    inner_lr: float = Field(0.1, gt=0)
+    first_order: bool = False
+    """FOMAML: ignore second derivatives through the inner loop."""
+    adapt: Literal["all", "head"] = "all"
+    """Parameters adapted in the inner loop: all (MAML) or the episode head only (ANIL)."""
+    meta_batch: int = Field(2, ge=1)
+    """Episodes averaged into one meta-gradient step."""
+
+
+def episode_logits(trunk: nn.Module, params: Params, x: torch.Tensor) -> torch.Tensor:
+    """Logits of ``x`` under ``params`` (trunk parameters/buffers and ``head.*``)."""
+    trunk_state = {k: v for k, v in params.items() if not k.startswith("head.")}
+    z = functional_call(trunk, trunk_state, (x,), strict=False)
+    return F.linear(z.float(), params["head.weight"], params["head.bias"])
+
+
+def inner_loop(trunk: nn.Module, params: Params, adapt_keys: list[str], xs: torch.Tensor,
+               ys: torch.Tensor, *, steps: int, lr: float, first_order: bool) -> Params:
+    """``steps`` SGD steps on the support loss; returns the adapted parameters.
+
+    With ``first_order=False`` the result stays differentiable w.r.t. the initial parameters
+    through the gradients themselves (second-order MAML).
+    """
+    for _ in range(steps):
+        loss = F.cross_entropy(episode_logits(trunk, params, xs), ys)
+        grads = torch.autograd.grad(loss, [params[k] for k in adapt_keys],
+                                    create_graph=not first_order)
+        params = {**params, **{k: params[k] - lr * g
+                               for k, g in zip(adapt_keys, grads, strict=True)}}
+    return params
+
+
+@METHODS.register("maml")
+class MamlTask(EpisodicTask):
+    """Meta-training with an explicit inner loop inside the engine's training step."""
+
+    def __init__(self, cfg: Config, model: nn.Module, splits: Splits, device: torch.device):
+        args = validate(MamlArgs, cfg.method_args, "method_args (maml)")
+        super().__init__(cfg, model, splits, device, args)
+        self.margs: MamlArgs = args
+        self.episode_head = nn.Linear(model.embedding_dim, args.n_way)
+        nn.init.zeros_(self.episode_head.weight)
+        nn.init.zeros_(self.episode_head.bias)
+
+    def _params(self, net: EdgeNet, n_way: int) -> tuple[Embedding, Params, list[str]]:
+        trunk = Embedding(net)
+        params: Params = {k: p for k, p in trunk.named_parameters()
+                          if not k.startswith("net.head.")}
+        params["head.weight"] = self.episode_head.weight[:n_way]
+        params["head.bias"] = self.episode_head.bias[:n_way]
+        keys = [k for k in params if k.startswith("head.") or
+                (self.margs.adapt == "all" and params[k].requires_grad)]
+        return trunk, params, keys
+
+    def training_step(self, model: nn.Module, batch: tuple, step: int) -> StepOutput:
+        net = unwrap(model)
+        a = self.margs
+        losses, logits, yqs = [], [], []
+        for _ in range(a.meta_batch):
+            _, xs, ys, xq, yq = self.next_episode()
+            trunk, params, keys = self._params(net, a.n_way)
+            adapted = inner_loop(trunk, params, keys, xs, ys, steps=a.inner_steps,
+                                 lr=a.inner_lr, first_order=a.first_order)
+            lq = episode_logits(trunk, adapted, xq)
+            losses.append(F.cross_entropy(lq, yq))
+            logits.append(lq)
+            yqs.append(yq)
+        loss = torch.stack(losses).mean()
+        return StepOutput(loss, torch.cat(logits).detach(), torch.cat(yqs),
+                          {"query_ce": loss.detach()})
+
+    def adapt_and_predict(self, model: nn.Module, xs: torch.Tensor, ys: torch.Tensor,
+                          xq: torch.Tensor, n_way: int) -> torch.Tensor:
+        """Adapt to one episode's support set and predict its queries (model untouched)."""
+        net = unwrap(model)
+        trunk, params, keys = self._params(net, n_way)
+        # Detached copies: evaluation must neither build a graph to the meta-parameters nor
+        # move the model's batch-norm running statistics.
+        params = {k: v.detach().requires_grad_(k in keys) for k, v in params.items()}
+        params.update({k: b.clone() for k, b in trunk.named_buffers()})
+        was = net.training
+        net.train()
+        try:
+            with torch.enable_grad():
+                adapted = inner_loop(trunk, params, keys, xs.to(self.device),
+                                     ys.to(self.device), steps=self.margs.eval_inner_steps,
+                                     lr=self.margs.inner_lr, first_order=True)
+                with torch.no_grad():
+                    return episode_logits(trunk, adapted, xq.to(self.device)).argmax(1)
+        finally:
+            net.train(was)
+
+    def evaluate(self, model: nn.Module, split: TensorSplit, spec: EpisodeSpec, *,
+                 episodes: int = 600, seed: int = 0) -> FewShotResult:
+        if spec.n_way > self.margs.n_way:
+            raise EdgektError(f"maml: evaluation with {spec.n_way} ways needs a model "
+                              f"meta-trained with n_way >= {spec.n_way} (has {self.margs.n_way})")
+        return evaluate_image_episodes(
+            lambda xs, ys, xq, n: self.adapt_and_predict(model, xs, ys, xq, n),
+            split, self.info, spec, episodes=episodes, seed=seed)

@@ -1,0 +1,63 @@
+"""Relation networks (Sung et al., CVPR 2018).
+
+A learned relation module scores the concatenation of a query embedding and a class embedding
+in [0, 1], trained by mean squared error against the one-hot match. Two deviations from the
+paper, both for edge use: the module is an MLP on the pooled embeddings (the paper convolves
+feature maps), so any EdgeNet trunk works; and a class is the *mean* of its support embeddings
+(the paper sums them), so one trained model serves 1-shot and 5-shot alike.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from edgekt.config import Config, validate
+from edgekt.data import Splits
+from edgekt.engine.tasks import METHODS
+from edgekt.fewshot.protonet import prototypes_of
+from edgekt.methods.episodic import EpisodeArgs, EpisodicTask
+
+
+class RelationArgs(EpisodeArgs):
+    """``method_args`` of ``method: relation``."""
+
+    hidden: int = Field(64, gt=0)
+    """Width of the relation module's hidden layer."""
+
+
+class RelationModule(nn.Module):
+    """[query, class] embedding pair -> relation score in (0, 1)."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(2 * dim, hidden), nn.ReLU(inplace=True),
+                                 nn.Linear(hidden, 1))
+
+    def forward(self, query: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        q = query[:, None, :].expand(-1, len(classes), -1)
+        c = classes[None, :, :].expand(len(query), -1, -1)
+        return torch.sigmoid(self.net(torch.cat([q, c], dim=-1)).squeeze(-1))  # (Q, N)
+
+
+@METHODS.register("relation")
+class RelationTask(EpisodicTask):
+    """Episodic training of the trunk and the relation module with MSE on relation scores."""
+
+    def __init__(self, cfg: Config, model: nn.Module, splits: Splits, device: torch.device):
+        args = validate(RelationArgs, cfg.method_args, "method_args (relation)")
+        super().__init__(cfg, model, splits, device, args)
+        self.relation = RelationModule(model.embedding_dim, args.hidden)
+
+    def scores(self, support: torch.Tensor, labels: torch.Tensor, query: torch.Tensor,
+               n_way: int) -> torch.Tensor:
+        """(Q, n_way) relation scores against each class's mean support embedding."""
+        return self.relation(query.float(), prototypes_of(support.float(), labels, n_way))
+
+    def episode_step(self, net, xs, ys, xq, yq):
+        z = net.forward_features(torch.cat([xs, xq]))
+        rel = self.scores(z[: len(xs)], ys, z[len(xs):], self.spec.n_way)
+        loss = F.mse_loss(rel, F.one_hot(yq, self.spec.n_way).float())
+        return loss, rel, {"mse": loss.detach()}
