@@ -1,0 +1,105 @@
+"""Siamese, matching, relation and MAML on small real Fashion-MNIST slices."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from edgekt.config import load_config
+from edgekt.data import Splits
+from edgekt.engine.fit import Trainer
+from edgekt.errors import EdgektError
+from edgekt.fewshot.episodes import EpisodeSpec
+from edgekt.methods.maml import episode_logits, inner_loop
+from edgekt.methods.siamese import sample_pairs
+from edgekt.models import Embedding, create_model
+
+BASE = ["model.name=cnn_xs", "train.epochs=1", "optim.lr=0.003", "train.progress=false",
+        "train.threads=1", "data.batch_size=100"]
+ARGS = "n_way: 3, k_shot: 2, n_query: 3, eval_episodes: 5, eval_images: 200"
+
+
+def _keep(split, classes):
+    keep = torch.isin(split.targets, torch.tensor(classes))
+    sub = split.subset(torch.nonzero(keep).flatten())
+    remap = torch.full((10,), -1, dtype=torch.long)
+    remap[torch.tensor(classes)] = torch.arange(len(classes))
+    sub.targets = remap[sub.targets]
+    return sub
+
+
+@pytest.fixture(scope="module")
+def base_novel(fashion_splits):
+    """Base classes 0-5 (400 training images) and novel classes 6-9 (test images)."""
+    s = fashion_splits
+    base = [0, 1, 2, 3, 4, 5]
+    train = _keep(s.train, base)
+    train = train.subset(torch.arange(400))
+    splits = Splits(train, _keep(s.val, base), _keep(s.test, base), s.info)
+    return splits, _keep(s.test, [6, 7, 8, 9])
+
+
+def test_pair_sampler_balanced_and_correct():
+    y = torch.tensor([0, 0, 1, 1, 2, 2, 2])
+    a, b, same = sample_pairs(y, 20, torch.Generator().manual_seed(0))
+    assert int(same.sum()) == 10
+    assert torch.equal(y[a] == y[b], same.bool())
+    assert bool((a[:10] != b[:10]).all())
+    with pytest.raises(EdgektError, match="at least 2 classes"):
+        sample_pairs(torch.zeros(5, dtype=torch.long), 4, torch.Generator())
+
+
+@pytest.mark.parametrize("method,extra", [("siamese", "pairs: 16, "), ("matching", ""),
+                                          ("matching", "fce: true, "), ("relation", ""),
+                                          ("maml", "inner_steps: 1, eval_inner_steps: 2, "
+                                                   "meta_batch: 1, ")])
+def test_method_trains_and_evaluates_on_novel_classes(tmp_path, base_novel, method, extra):
+    splits, novel = base_novel
+    cfg = load_config(None, [*BASE, f"run.dir={tmp_path}", f"method={method}",
+                             f"method_args={{{extra}{ARGS}}}"])
+    tr = Trainer(cfg, splits=splits)
+    before = {k: v.clone() for k, v in tr.model.state_dict().items()}
+    m = tr.run().metrics
+    assert 0.0 <= m["val_acc"] <= 1.0 and "val_episode_ci95" in m
+    assert any(not torch.equal(before[k], v) for k, v in tr.model.state_dict().items())
+    state = {k: v.clone() for k, v in tr.model.state_dict().items()}
+    res = tr.task.evaluate(tr.model, novel, EpisodeSpec(3, 1, 4), episodes=6, seed=3)
+    assert res.predictions.shape == (6, 12) and 0.0 <= res.mean <= 1.0
+    # Evaluation (MAML's adaptation included) leaves the model untouched.
+    assert all(torch.equal(state[k], v) for k, v in tr.model.state_dict().items())
+    assert tr.task.episodes_drawn.item() == tr.step  # one episode (or pair set) per step
+
+
+def test_more_shots_than_a_class_has_fails_before_training(tmp_path, base_novel):
+    splits, _ = base_novel
+    tiny = Splits(splits.train.subset(torch.arange(30)), splits.val, splits.test, splits.info)
+    cfg = load_config(None, [*BASE, f"run.dir={tmp_path}", "method=matching",
+                             "method_args={n_way: 3, k_shot: 20, n_query: 15}"])
+    with pytest.raises(EdgektError, match="needs 35 samples per class"):
+        Trainer(cfg, splits=tiny)
+    cfg = load_config(None, [*BASE, f"run.dir={tmp_path}", "method=relation",
+                             "method_args={n_way: 9}"])
+    with pytest.raises(EdgektError, match="needs 9 classes"):
+        Trainer(cfg, splits=splits)
+
+
+def test_maml_inner_loop_second_vs_first_order():
+    torch.manual_seed(0)
+    net = create_model("cnn_xs", num_classes=3, in_channels=1, image_size=12)
+    trunk = Embedding(net)
+    params = {k: p for k, p in trunk.named_parameters() if not k.startswith("net.head.")}
+    head = torch.zeros(3, net.embedding_dim, requires_grad=True)
+    params.update({"head.weight": head, "head.bias": torch.zeros(3, requires_grad=True)})
+    xs, ys = torch.randn(6, 1, 12, 12), torch.tensor([0, 0, 1, 1, 2, 2])
+    xq, yq = torch.randn(6, 1, 12, 12), ys
+    keys = list(params)
+    grads = {}
+    for first in (False, True):
+        adapted = inner_loop(trunk, params, keys, xs, ys, steps=2, lr=0.5, first_order=first)
+        loss = torch.nn.functional.cross_entropy(episode_logits(trunk, adapted, xq), yq)
+        grads[first] = torch.autograd.grad(loss, head)[0]
+    # Adaptation helps on the support set, and second order changes the meta-gradient.
+    adapted = inner_loop(trunk, params, keys, xs, ys, steps=3, lr=0.5, first_order=True)
+    ce = torch.nn.functional.cross_entropy
+    assert ce(episode_logits(trunk, adapted, xs), ys) < ce(episode_logits(trunk, params, xs), ys)
+    assert not torch.allclose(grads[False], grads[True])
