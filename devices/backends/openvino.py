@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import json
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +19,13 @@ def _ov():
     return import_runtime("openvino", "openvino")
 
 
+@functools.lru_cache(maxsize=1)
+def _core():
+    # One Core per process, as OpenVINO recommends: it owns the plugins and their thread pools
+    # (creating one per model also crashed in a process that had run PyTorch before).
+    return _ov().Core()
+
+
 class OpenVinoBackend(Backend):
     name = "openvino"
     module = "openvino"
@@ -26,13 +35,13 @@ class OpenVinoBackend(Backend):
     def __init__(self, path: Path, *, threads: int | None = None, target: str = "CPU",
                  config: dict[str, Any] | None = None) -> None:
         super().__init__(path, threads=threads, target=target, config=config)
-        ov = _ov()
+        core = _core()  # imports openvino (clear error when missing)
         if not self.path.is_file():
             raise EdgektError(f"{self.path}: no such model file")
         if self.path.suffix.lower() == ".xml" and not self.path.with_suffix(".bin").is_file():
             raise EdgektError(f"{self.path}: the weights file {self.path.with_suffix('.bin').name} "
                               "is missing beside it")
-        core = ov.Core()
+
         if target.split(".")[0] not in {d.split(".")[0] for d in core.available_devices}:
             raise EdgektError(f"OpenVINO device {target!r} is not available here (available: "
                               f"{', '.join(core.available_devices)})")
@@ -52,10 +61,15 @@ class OpenVinoBackend(Backend):
         self._outputs = [o.get_any_name() for o in self.model.outputs]
         # Latency hint, one stream: what a single-request application on a device does.
         config: dict[str, object] = {"PERFORMANCE_HINT": "LATENCY", **self.config}
+        if target == "CPU" and self._precision() == "fp32":
+            # On AVX512-BF16/AMX CPUs the CPU plugin would run an FP32 model in bf16 (logits
+            # move by ~1e-2); an fp32 artifact is run as fp32 unless its config says otherwise.
+            config.setdefault("INFERENCE_PRECISION_HINT", "f32")
         if threads and target == "CPU":
             config["INFERENCE_NUM_THREADS"] = threads
         self.compiled = core.compile_model(self.model, target, config)
-        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._request = self.compiled.create_infer_request()
 
     @staticmethod
     def version() -> str:
@@ -77,23 +91,28 @@ class OpenVinoBackend(Backend):
                 return self.model.get_rt_info(path).astype(str)
         return None
 
-    def _request(self):
-        # An InferRequest is not thread-safe; each thread gets its own.
-        req = getattr(self._local, "request", None)
-        if req is None:
-            req = self._local.request = self.compiled.create_infer_request()
-        return req
+    def _precision(self) -> str:
+        text = self.metadata()
+        try:
+            return str(json.loads(text).get("precision", "fp32")) if text else "fp32"
+        except (ValueError, AttributeError):
+            return "fp32"
 
     def run(self, x: np.ndarray) -> list[np.ndarray]:
-        req = self._request()
-        req.infer({0: x})
-        return [req.get_output_tensor(i).data.copy() for i in range(len(self._outputs))]
+        # One request, one call at a time: concurrent InferRequests of one compiled model
+        # crashed OpenVINO 2026.4 here (segfault in infer), so calls from threads are serialised.
+        with self._lock:
+            self._request.infer({0: x})
+            return [self._request.get_output_tensor(i).data.copy()
+                    for i in range(len(self._outputs))]
 
     def bind(self, x: np.ndarray) -> Callable[[], object]:
-        ov = _ov()
-        req = self.compiled.create_infer_request()
-        req.set_input_tensor(ov.Tensor(np.ascontiguousarray(x)))
-        return req.infer
+        # The profiler's loop: the input is set once, each call is the bare ``infer()``.
+        # It uses the model's one request (a second request per model crashed OpenVINO here).
+        x = np.ascontiguousarray(x)
+        with self._lock:
+            self._request.set_input_tensor(_ov().Tensor(x))
+        return self._request.infer
 
     def settings(self) -> dict[str, object]:
         props = {}
