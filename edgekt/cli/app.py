@@ -7,7 +7,7 @@ import sys
 import typer
 from rich.console import Console
 
-from edgekt.cli import distill, export, fewshot, profile, train
+from edgekt.cli import continual, distill, export, fewshot, profile, train
 from edgekt.errors import EdgektError
 
 app = typer.Typer(
@@ -27,6 +27,7 @@ app.command("datasets")(train.list_datasets)
 app.command("profile")(profile.profile)
 app.add_typer(profile.devices_app, name="devices")
 app.add_typer(fewshot.app, name="fewshot")
+app.add_typer(continual.app, name="continual")
 
 
 def main() -> None:

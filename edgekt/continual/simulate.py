@@ -257,3 +257,51 @@ def pretrain_backbone(source: str, out_dir: Path, *, model: str = "cnn_s", epoch
     meta.extra.update(pretrained_on=source, grid=grid)
     export_onnx(module, meta, onnx_path)
     return onnx_path
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def _per_class(y: np.ndarray, n: int | None, seed: int) -> np.ndarray:
+    """Indices of at most ``n`` samples per class (all when ``n`` is None), in stream order."""
+    if n is None:
+        return np.arange(len(y))
+    rng = np.random.default_rng(seed)
+    keep = [rng.permutation(np.flatnonzero(y == c))[:n] for c in np.unique(y)]
+    return np.sort(np.concatenate(keep))
+
+
+def simulate(scenario: str, backbone: str | Path, *, strategies: tuple[str, ...] = STRATEGIES,
+             config: LearnerConfig | None = None, batch_size: int = 32,
+             train_per_class: int | None = None, test_per_class: int | None = None,
+             data_dir: str | None = None, shift: str = "all", threads: int | None = None,
+             seed: int = 0) -> SimulationReport:
+    """Run ``strategies`` on a Fashion-MNIST ``scenario`` with the exported ``backbone``."""
+    from edgekt.config import DataConfig
+    from edgekt.data import build_splits
+    from edgekt.devices import EdgeModel
+
+    if scenario not in SCENARIOS:
+        raise EdgektError(f"unknown scenario {scenario!r} (valid: {', '.join(SCENARIOS)})")
+    for s in strategies:
+        strategy_config(s, LearnerConfig())  # fail before the slow part on a bad name
+    config = config or LearnerConfig()
+    splits = build_splits(DataConfig(name="fashion-mnist", val_fraction=0.0, data_dir=data_dir))
+    x_tr, y_tr = splits.train.images.numpy()[:, 0], splits.train.targets.numpy()
+    x_te, y_te = splits.test.images.numpy()[:, 0], splits.test.targets.numpy()
+    tr, te = _per_class(y_tr, train_per_class, seed), _per_class(y_te, test_per_class, seed)
+    x_tr, y_tr, x_te, y_te = x_tr[tr], y_tr[tr], x_te[te], y_te[te]
+    model = EdgeModel.load(backbone, threads=threads)
+    labels = list(splits.info.labels)
+    if scenario == "class-incremental":
+        exps = class_incremental(embed_images(model, x_tr), y_tr, embed_images(model, x_te),
+                                 y_te, labels)
+    else:
+        exps = drift_experiences(lambda x: embed_images(model, x), x_tr, y_tr, x_te, y_te,
+                                 shift=shift, seed=seed)
+    report = SimulationReport(scenario, [e.name for e in exps], str(backbone),
+                              int(exps[0].z_train.shape[1]), batch_size, config.buffer_bytes)
+    for s in strategies:
+        report.results.append(run_strategy(s, exps, labels, config, batch_size=batch_size,
+                                           seed=seed))
+    return report
