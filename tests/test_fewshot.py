@@ -227,3 +227,32 @@ def test_protonet_learned_scale_and_bad_args(tmp_path):
     too_many = _proto_cfg(tmp_path / "y", "method_args={n_way: 7}")
     with pytest.raises(EdgektError, match="needs 7 classes but only 6"):
         Trainer(too_many, splits=splits)
+
+
+def test_example_configs_validate():
+    from pathlib import Path
+
+    from edgekt.config import load_config, validate
+    from edgekt.fewshot.protonet import ProtoNetArgs
+
+    paths = sorted((Path(__file__).parents[1] / "edgekt" / "configs").glob("fewshot_*.yaml"))
+    assert len(paths) >= 3
+    for path in paths:
+        cfg = load_config(path)
+        assert cfg.data.classes == [0, 1, 2, 3, 4, 5]
+        if cfg.method == "protonet":
+            validate(ProtoNetArgs, cfg.method_args, str(path))
+
+
+def test_protonet_starts_from_a_distilled_students_backbone(tiny_checkpoint, tmp_path):
+    from edgekt.engine.checkpoint import load_checkpoint
+    from edgekt.engine.fit import Trainer
+
+    cfg = _proto_cfg(tmp_path / "ft", f"model.weights={tiny_checkpoint}", "finetune.new_head=true")
+    tr = Trainer(cfg, splits=_base_splits())
+    student = load_checkpoint(tiny_checkpoint)["model"]["state_dict"]
+    own = tr.model.state_dict()
+    assert torch.equal(own["stage1.0.0.weight"], student["stage1.0.0.weight"])
+    assert own["head.weight"].shape == (6, student["head.weight"].shape[1])  # new 6-class head
+    tr.run(stop_after_steps=3)
+    assert not torch.equal(tr.model.state_dict()["stage1.0.0.weight"], student["stage1.0.0.weight"])

@@ -35,11 +35,21 @@ from edgekt.devices.fewshot import (
 )
 from edgekt.errors import EdgektError
 from edgekt.fewshot.episodes import EpisodeSampler, EpisodeSpec
-from edgekt.fewshot.protonet import default_transform
 from edgekt.models import EdgeNet
 
 EpisodeClassifier = Callable[[np.ndarray, np.ndarray, np.ndarray, int], np.ndarray]
 """(support embeddings, support labels, query embeddings, n_way) -> predicted query labels."""
+
+
+def default_transform(method: str, metric: str = "euclidean") -> str:
+    """The embedding transform few-shot evaluation uses for a checkpoint trained by ``method``.
+
+    ProtoNet embeddings are used as trained (L2-normalised for cosine); a classifier's
+    embedding gets SimpleShot's centring + L2 normalisation ("cl2n"), which works best there.
+    """
+    if method == "protonet":
+        return "l2" if metric == "cosine" else "none"
+    return "cl2n"
 
 
 def mean_ci95(accs: Sequence[float] | np.ndarray) -> tuple[float, float]:

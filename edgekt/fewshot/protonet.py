@@ -12,7 +12,7 @@ tracks embedding quality (with ``ce_weight > 0`` the cross-entropy also trains t
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,13 +20,25 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
+# isort: off
+# The maths first: edgekt.engine imports every method module, and some import these names from
+# this module, which must already hold them when the engine import below triggers theirs.
+from edgekt.fewshot.losses import Metric, prototypical_loss
+from edgekt.fewshot.losses import pairwise_logits as pairwise_logits  # re-exported
+from edgekt.fewshot.losses import prototypes_of as prototypes_of  # re-exported
+# isort: on
 from edgekt.config import Config, Strict, validate
 from edgekt.data import Splits
 from edgekt.data.base import random_crop_flip
 from edgekt.engine.tasks import METHODS, StepOutput, Task
 from edgekt.fewshot.episodes import EpisodeSampler, EpisodeSpec, normalise
-
-Metric = Literal["euclidean", "cosine"]
+from edgekt.fewshot.evaluate import (
+    TorchEmbedder,
+    default_transform,
+    nearest_prototype,
+    raw_images,
+    run_episodes,
+)
 
 
 class ProtoNetArgs(Strict):
@@ -48,34 +60,6 @@ class ProtoNetArgs(Strict):
     """Episodes (same spec, base-class val/test images) for the loop's val/test accuracy."""
     eval_images: int = Field(2000, ge=10)
     """At most this many val/test images are embedded for those episodes."""
-
-
-def pairwise_logits(query: torch.Tensor, prototypes: torch.Tensor, metric: Metric,
-                    scale: torch.Tensor | float = 1.0) -> torch.Tensor:
-    """(Q, D) x (N, D) -> (Q, N) logits: ``-scale * ||q - p||^2`` or ``scale * cos(q, p)``."""
-    if metric == "cosine":
-        return scale * F.normalize(query, dim=1) @ F.normalize(prototypes, dim=1).T
-    return -scale * torch.cdist(query, prototypes).pow(2)
-
-
-def prototypes_of(support: torch.Tensor, labels: torch.Tensor, n_way: int) -> torch.Tensor:
-    """Class means of the support embeddings: (N*K, D) -> (N, D)."""
-    sums = torch.zeros(n_way, support.shape[1], dtype=support.dtype, device=support.device)
-    sums.index_add_(0, labels, support)
-    counts = torch.bincount(labels, minlength=n_way).clamp_min(1).to(support.dtype)
-    return sums / counts[:, None]
-
-
-def prototypical_loss(support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor,
-                      query_labels: torch.Tensor, n_way: int, *, metric: Metric = "euclidean",
-                      scale: torch.Tensor | float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cross-entropy of the queries against the support prototypes; returns (loss, logits).
-
-    Computed in fp32 so the squared distances cannot overflow under fp16 autocast.
-    """
-    protos = prototypes_of(support.float(), support_labels, n_way)
-    logits = pairwise_logits(query.float(), protos, metric, scale)
-    return F.cross_entropy(logits, query_labels), logits
 
 
 @METHODS.register("protonet")
@@ -154,13 +138,6 @@ class ProtoNetTask(Task):
     def extra_metrics(self, model: nn.Module, split: str) -> dict[str, float]:
         """Episode accuracy on the base classes' ``split`` images (replaces the loop's
         ``acc``, so ``best.pt`` is the checkpoint whose embedding classifies episodes best)."""
-        from edgekt.fewshot.evaluate import (
-            TorchEmbedder,
-            nearest_prototype,
-            raw_images,
-            run_episodes,
-        )
-
         data = self.splits_eval[split]
         if len(data) > self.args.eval_images:  # a fixed random subset keeps epochs cheap
             g = torch.Generator().manual_seed(54321)
@@ -183,13 +160,3 @@ class ProtoNetTask(Task):
                 "scale": float(self.log_scale.exp()), "transform": default_transform("protonet",
                                                                                   self.args.metric)}
 
-
-def default_transform(method: str, metric: str = "euclidean") -> str:
-    """The embedding transform few-shot evaluation uses for a checkpoint trained by ``method``.
-
-    ProtoNet embeddings are used as trained (L2-normalised for cosine); a classifier's
-    embedding gets SimpleShot's centring + L2 normalisation ("cl2n"), which works best there.
-    """
-    if method == "protonet":
-        return "l2" if metric == "cosine" else "none"
-    return "cl2n"
