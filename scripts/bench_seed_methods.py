@@ -1,0 +1,273 @@
+"""Benchmark the seed's other knowledge-transfer methods on real data, one table per family.
+
+* Few-shot: ProtoNet, siamese, matching, relation, MAML (first and second order), each trained
+  episodically on Fashion-MNIST base classes 0-5 for the same number of steps through the one
+  ``fit()`` loop, evaluated 4-way 1/5-shot on the novel classes 6-9 (test images, 15 queries,
+  identical seeded episodes for every row, mean +- 95% CI). Naive baseline: the same backbone,
+  untrained, with nearest-prototype classification.
+* Multi-task: Fashion-MNIST classes + tops/bottoms/footwear/bags, and MNIST (mnist-5k) digits +
+  parity: per-task test accuracy of hard sharing (fixed weights, GradNorm) and cross-stitch vs
+  single-task networks, both at full width (2x the parameters) and at the same total size.
+* DANN: mnist-5k -> scikit-learn digits (8x8 upsampled to 28), target labels unused; target
+  test accuracy of source-only, source-only with target batch-norm statistics (AdaBN, a cheap
+  reference) and DANN.
+
+CPU time is process time (all threads) of training; the load average is recorded.
+
+    python scripts/bench_seed_methods.py --out runs/bench_seed_methods.json
+    python scripts/bench_seed_methods.py --quick --out /tmp/bench_seed_methods.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from edgekt.config import DataConfig, load_config
+from edgekt.data import Splits, build_splits, make_loader
+from edgekt.engine.fit import Trainer
+from edgekt.fewshot.episodes import EpisodeSpec
+from edgekt.fewshot.evaluate import run_episodes
+from edgekt.methods.dann import accuracy, target_splits
+from edgekt.methods.episodic import embed_split
+from edgekt.methods.multitask import PRESETS, task_splits
+from edgekt.models import count_params, create_model
+
+console = Console()
+COMMON = ["train.progress=false", "optim.lr=0.003", "sched.name=cosine"]
+
+
+def train(root: Path, name: str, overrides: list[str], splits: Splits) -> tuple[Trainer, float]:
+    cfg = load_config(None, [*COMMON, f"run.dir={root / name}", *overrides])
+    t0 = time.process_time()
+    tr = Trainer(cfg, splits=splits, force=True)
+    tr.run()
+    return tr, time.process_time() - t0
+
+
+# ---------------------------------------------------------------------------------- few-shot
+def fewshot(root: Path, quick: bool, threads: int) -> dict[str, Any]:
+    steps = 60 if quick else 1000
+    episodes = 100 if quick else 600
+    model = "cnn_xs" if quick else "cnn_s"
+    base = build_splits(DataConfig(name="fashion-mnist", classes=list(range(6)),
+                                   limit=3000 if quick else None))
+    novel = build_splits(DataConfig(name="fashion-mnist", classes=[6, 7, 8, 9],
+                                    val_fraction=0.0)).test
+    # One training step per episode: batch_size sets the steps of one epoch.
+    bs = -(-len(base.train) // steps)
+    episode = "n_way: 6, k_shot: 5, n_query: 15, eval_episodes: 50, eval_images: 600"
+    maml = ("n_way: 4, k_shot: 5, n_query: 10, eval_episodes: 20, eval_images: 400, "
+            "inner_steps: 3, eval_inner_steps: 10, inner_lr: 0.1, meta_batch: 2")
+    recipes: dict[str, list[str]] = {
+        "protonet": ["method=protonet", "method_args={n_way: 6, k_shot: 5, n_query: 15}"],
+        "siamese": ["method=siamese", f"method_args={{pairs: 64, {episode}}}"],
+        "matching": ["method=matching", f"method_args={{{episode}}}"],
+        "matching + FCE": ["method=matching", f"method_args={{fce: true, {episode}}}"],
+        "relation": ["method=relation", f"method_args={{{episode}}}"],
+        "MAML first-order": ["method=maml", f"method_args={{first_order: true, {maml}}}"],
+        "MAML second-order": ["method=maml", f"method_args={{first_order: false, {maml}}}"],
+    }
+    if quick:
+        recipes.pop("matching + FCE")
+        recipes.pop("MAML second-order")
+    rows: dict[str, Any] = {}
+    naive = create_model(model, num_classes=6, in_channels=1, image_size=28)
+    torch.manual_seed(0)
+    emb = embed_split(naive, novel, base.info).numpy()
+    rows["naive: untrained + nearest prototype"] = {
+        "train_cpu_s": 0.0, **{f"{k}shot": run_episodes(emb, novel.targets.numpy(),
+                                                          EpisodeSpec(4, k, 15),
+                                                          episodes=episodes).as_dict()
+                               for k in (1, 5)}}
+    for name, over in recipes.items():
+        console.print(f"[bold]few-shot[/]: {name}")
+        tr, cpu = train(root, f"fs_{name.replace(' ', '_')}",
+                        [f"model.name={model}", "train.epochs=1", f"data.batch_size={bs}",
+                         f"train.threads={threads}", *over,
+                         "data.classes=[0,1,2,3,4,5]"], base)
+        t0 = time.process_time()
+        res = {}
+        for k in (1, 5):
+            spec = EpisodeSpec(4, k, 15)
+            if tr.cfg.method == "protonet":  # its own rule: nearest prototype, squared L2
+                r = run_episodes(embed_split(tr.model, novel, base.info).numpy(),
+                                 novel.targets.numpy(), spec, episodes=episodes)
+            else:
+                r = tr.task.evaluate(tr.model, novel, spec, episodes=episodes)
+            res[f"{k}shot"] = r.as_dict()
+        rows[name] = {"train_cpu_s": cpu, "eval_cpu_s": time.process_time() - t0,
+                      "steps": tr.step, **res}
+    return {"model": model, "train_steps": steps, "episodes": episodes, "rows": rows}
+
+
+# -------------------------------------------------------------------------------- multi-task
+def half_width(model: str, classes: int) -> float:
+    """width_mult giving a single-task net half the parameters of the full one."""
+    full = count_params(create_model(model, num_classes=classes, in_channels=1, image_size=28))
+    grid = [w / 100 for w in range(40, 100)]
+    return min(grid, key=lambda w: abs(2 * count_params(create_model(
+        model, num_classes=classes, in_channels=1, image_size=28, width_mult=w)) - full))
+
+
+def multitask(root: Path, quick: bool, threads: int) -> dict[str, Any]:
+    model = "cnn_xs" if quick else "cnn_s"
+    out: dict[str, Any] = {"model": model}
+    for data, task in (("fashion-mnist", "fashion_coarse"), ("mnist-5k", "parity")):
+        limit = (2000 if quick else 12000) if data == "fashion-mnist" else (1000 if quick else None)
+        epochs = 1 if quick else 4 if data == "fashion-mnist" else 10
+        splits = build_splits(DataConfig(name=data, limit=limit))
+        aux = task_splits(splits, PRESETS[task])
+        w = half_width(model, 10)
+        common = [f"model.name={model}", f"train.epochs={epochs}", f"data.name={data}",
+                  f"train.threads={threads}"]
+        rows: dict[str, Any] = {}
+
+        for tag, kwargs in (("full width", []), (f"width {w:g}, same total size",
+                                                 [f"model.kwargs={{width_mult: {w}}}"])):
+            a, ca = train(root, f"mt_{data}_{tag}_main", [*common, *kwargs], splits)
+            b, cb = train(root, f"mt_{data}_{tag}_aux", [*common, *kwargs], aux)
+            rows[f"single-task x2 ({tag})"] = {
+                "acc_classes": _test_acc(a, splits), f"acc_{task}": _test_acc(b, aux),
+                "params": count_params(a.model) + count_params(b.model), "train_cpu_s": ca + cb}
+        for tag, args in (("hard sharing", "arch: hard"),
+                          ("hard sharing + GradNorm", "arch: hard, balance: gradnorm"),
+                          ("cross-stitch", "arch: cross_stitch")):
+            tr, cpu = train(root, f"mt_{data}_{tag.replace(' ', '_')}",
+                            [*common, "method=multitask",
+                             f"method_args={{tasks: [classes, {task}], {args}}}"], splits)
+            m = tr.task.task_accuracies(tr.model, splits.test)
+            rows[f"multi-task: {tag}"] = {
+                "acc_classes": m["acc_classes"], f"acc_{task}": m[f"acc_{task}"],
+                "params": count_params(tr.model) + count_params(tr.task.parts),
+                "train_cpu_s": cpu}
+        out[data] = {"aux_task": task, "epochs": epochs, "train_images": len(splits.train),
+                     "rows": rows}
+    return out
+
+
+def _test_acc(tr: Trainer, splits: Splits) -> float:
+    loader = make_loader(splits.test, splits.info, tr.cfg.data, train=False)
+    return accuracy(tr.model, loader, tr.rt.device)
+
+
+# -------------------------------------------------------------------------------------- DANN
+@torch.no_grad()
+def adabn(model: torch.nn.Module, loader) -> torch.nn.Module:
+    """Re-estimate batch-norm statistics on (unlabelled) target images."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over the pass
+    model.train()
+    for x, _ in loader:
+        model(x)
+    return model.eval()
+
+
+def dann(root: Path, quick: bool, threads: int, seeds: list[int]) -> dict[str, Any]:
+    model = "cnn_xs" if quick else "cnn_s"
+    epochs = 2 if quick else 10
+    src = build_splits(DataConfig(name="mnist-5k"))
+    tgt, tinfo = target_splits(DataConfig(name="digits"), src.info)
+    common = [f"model.name={model}", f"train.epochs={epochs}", "data.name=mnist-5k",
+              f"train.threads={threads}"]
+    rows: dict[str, list[dict[str, float]]] = {"source-only": [], "source-only + AdaBN": [],
+                                               "DANN": []}
+    for seed in seeds:
+        so, cpu = train(root, f"dann_src_{seed}", [*common, f"train.seed={seed}"], src)
+        tl = make_loader(tgt.test, tinfo, so.cfg.data, train=False)
+        rows["source-only"].append({"source_acc": _test_acc(so, src),
+                                    "target_acc": accuracy(so.model, tl, so.rt.device),
+                                    "train_cpu_s": cpu})
+        ada = adabn(so.model, make_loader(tgt.train, tinfo, so.cfg.data, train=True))
+        rows["source-only + AdaBN"].append({"source_acc": float("nan"),
+                                            "target_acc": accuracy(ada, tl, so.rt.device),
+                                            "train_cpu_s": cpu})
+        da, cpu = train(root, f"dann_{seed}", [*common, f"train.seed={seed}", "method=dann"],
+                        src)
+        rows["DANN"].append({"source_acc": _test_acc(da, src),
+                             "target_acc": accuracy(da.model, tl, da.rt.device),
+                             "train_cpu_s": cpu})
+    return {"model": model, "epochs": epochs, "seeds": seeds, "rows": rows}
+
+
+# ------------------------------------------------------------------------------------ report
+def report(out: dict[str, Any]) -> None:
+    if "fewshot" in out:
+        f = out["fewshot"]
+        t = Table(title=f"Few-shot: Fashion-MNIST novel classes 6-9, 4-way, {f['episodes']} "
+                        f"episodes, {f['model']}, {f['train_steps']} training steps")
+        for col in ("method", "1-shot", "5-shot", "train CPU s"):
+            t.add_column(col)
+        for name, r in f["rows"].items():
+            t.add_row(name, *(f"{100 * r[k]['acc']:.1f} ± {100 * r[k]['ci95']:.1f}"
+                              for k in ("1shot", "5shot")), f"{r['train_cpu_s']:.0f}")
+        console.print(t)
+    if "multitask" in out:
+        for data in ("fashion-mnist", "mnist-5k"):
+            d = out["multitask"][data]
+            aux = d["aux_task"]
+            t = Table(title=f"Multi-task: {data} classes + {aux} ({d['epochs']} epochs, "
+                            f"{d['train_images']} images, {out['multitask']['model']})")
+            for col in ("model", "classes acc", f"{aux} acc", "params", "train CPU s"):
+                t.add_column(col)
+            for name, r in d["rows"].items():
+                t.add_row(name, f"{100 * r['acc_classes']:.2f}", f"{100 * r[f'acc_{aux}']:.2f}",
+                          f"{r['params']:,}", f"{r['train_cpu_s']:.0f}")
+            console.print(t)
+    if "dann" in out:
+        d = out["dann"]
+        t = Table(title=f"DANN: mnist-5k -> digits (8x8 upsampled), {d['model']}, "
+                        f"{d['epochs']} epochs, seeds {d['seeds']}")
+        for col in ("method", "target test acc", "source test acc", "train CPU s"):
+            t.add_column(col)
+        for name, runs in d["rows"].items():
+            tgt = torch.tensor([r["target_acc"] for r in runs])
+            srcs = [r["source_acc"] for r in runs]
+            t.add_row(name, f"{100 * tgt.mean():.1f} (min {100 * tgt.min():.1f}, "
+                            f"max {100 * tgt.max():.1f})",
+                      f"{100 * sum(srcs) / len(srcs):.1f}",
+                      f"{sum(r['train_cpu_s'] for r in runs) / len(runs):.0f}")
+        console.print(t)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="tiny models, few steps (minutes)")
+    ap.add_argument("--family", choices=["all", "fewshot", "multitask", "dann"], default="all")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seeds", type=int, default=None, help="DANN seeds (default 1 quick, 3)")
+    ap.add_argument("--out", type=Path, default=Path("runs/bench_seed_methods.json"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    seeds = list(range(args.seeds or (1 if args.quick else 3)))
+    out: dict[str, Any] = {"quick": args.quick, "threads": args.threads,
+                           "load_avg_start": os.getloadavg()}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        if args.family in ("all", "fewshot"):
+            out["fewshot"] = fewshot(root, args.quick, args.threads)
+        if args.family in ("all", "multitask"):
+            out["multitask"] = multitask(root, args.quick, args.threads)
+        if args.family in ("all", "dann"):
+            out["dann"] = dann(root, args.quick, args.threads, seeds)
+    out["load_avg_end"] = os.getloadavg()
+    report(out)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=2, default=float))
+    console.print(f"wrote {args.out} (load average {out['load_avg_start']} -> "
+                  f"{out['load_avg_end']})")
+
+
+if __name__ == "__main__":
+    main()
