@@ -124,7 +124,8 @@ def multitask(root: Path, quick: bool, threads: int) -> dict[str, Any]:
     out: dict[str, Any] = {"model": model}
     for data, task in (("fashion-mnist", "fashion_coarse"), ("mnist-5k", "parity")):
         limit = (2000 if quick else 12000) if data == "fashion-mnist" else (1000 if quick else None)
-        epochs = 1 if quick else 4 if data == "fashion-mnist" else 10
+        epochs = (1 if data == "fashion-mnist" else 4) if quick else \
+            (4 if data == "fashion-mnist" else 10)
         splits = build_splits(DataConfig(name=data, limit=limit))
         aux = task_splits(splits, PRESETS[task])
         w = half_width(model, 10)
