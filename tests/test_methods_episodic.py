@@ -103,3 +103,20 @@ def test_maml_inner_loop_second_vs_first_order():
     ce = torch.nn.functional.cross_entropy
     assert ce(episode_logits(trunk, adapted, xs), ys) < ce(episode_logits(trunk, params, xs), ys)
     assert not torch.allclose(grads[False], grads[True])
+
+
+@pytest.mark.slow
+def test_evaluate_checkpoint_uses_the_methods_own_classifier(tmp_path, fashion_splits):
+    from edgekt.engine import fit
+    from edgekt.methods.episodic import evaluate_checkpoint
+
+    cfg = load_config(None, [*BASE, f"run.dir={tmp_path}", "data.limit=300",
+                             "data.classes=[0,1,2,3,4,5]", "method=relation",
+                             f"method_args={{{ARGS}}}"])
+    fit(cfg)
+    rep = evaluate_checkpoint(tmp_path / "last.pt", novel_classes=[6, 7, 8, 9], ways=4,
+                              shots=(1,), episodes=5)
+    assert rep["method"] == "relation" and rep["results"][0]["k_shot"] == 1
+    assert 0.0 <= rep["results"][0]["acc"] <= 1.0
+    with pytest.raises(EdgektError, match="were base"):
+        evaluate_checkpoint(tmp_path / "last.pt", novel_classes=[5, 6], ways=2, episodes=2)

@@ -10,6 +10,7 @@ sampler, same seeds, mean +- 95% CI), with each method's own episode classifier.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -179,3 +180,37 @@ class EpisodicTask(Task):
 
     def export_metadata(self) -> dict[str, Any]:
         return {"method": self.cfg.method, **self.args.model_dump()}
+
+
+def evaluate_checkpoint(path: str | Path, *, novel_classes: list[int], ways: int,
+                        shots: tuple[int, ...] = (1, 5), queries: int = 15,
+                        episodes: int = 600, seed: int = 0) -> dict[str, Any]:
+    """Few-shot accuracy of an episodic-method checkpoint with the method's *own* classifier
+    (siamese scores, matching attention, relation module, MAML adaptation) on the test images
+    of ``novel_classes`` of its dataset; same episodes as ``edgekt fewshot eval`` (which uses
+    the device's nearest-prototype rule on the embedding)."""
+    from edgekt.config import DataConfig, validate
+    from edgekt.data import build_splits
+    from edgekt.engine.checkpoint import load_checkpoint
+    from edgekt.engine.setup import model_from_checkpoint
+    from edgekt.engine.tasks import get_method
+    from edgekt.errors import EdgektError
+
+    ckpt = load_checkpoint(path)
+    cfg: Config = validate(Config, ckpt.get("config", {}), f"{path} (stored config)")
+    model, _ = model_from_checkpoint(ckpt, str(path))
+    task = get_method(cfg.method)(cfg, model, build_splits(cfg.data), torch.device("cpu"))
+    if not isinstance(task, EpisodicTask):
+        raise EdgektError(f"{path}: method {cfg.method!r} is not an episodic method "
+                          f"(use edgekt fewshot eval)")
+    task.load_state_dict(ckpt["task"])
+    overlap = set(novel_classes) & set(cfg.data.classes or [])
+    if overlap:
+        raise EdgektError(f"novel classes {sorted(overlap)} were base (training) classes")
+    novel = build_splits(DataConfig(name=cfg.data.name, data_dir=cfg.data.data_dir,
+                                    classes=novel_classes, val_fraction=0.0,
+                                    image_size=cfg.data.image_size)).test
+    res = {k: task.evaluate(model, novel, EpisodeSpec(ways, k, queries), episodes=episodes,
+                            seed=seed).as_dict() for k in shots}
+    return {"checkpoint": str(path), "method": cfg.method, "novel_classes": novel_classes,
+            "results": [res[k] for k in shots]}
