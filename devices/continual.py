@@ -62,6 +62,9 @@ class LearnerConfig:
     guard: bool = True
     """Roll back updates that lose more than ``guard_tolerance`` on known classes."""
     guard_tolerance: float = 0.05
+    """Largest drop of holdout accuracy among the known classes an update may cause."""
+    guard_backoff: int = 2
+    """Retries of a rejected update, each with a 4x smaller learning rate."""
     guard_min_holdout: int = 20
     """Fewer holdout samples of known classes than this: accept without judging."""
     normalize: bool = True
@@ -84,7 +87,8 @@ class LearnerConfig:
             "holdout_fraction": 0 <= self.holdout_fraction < 1,
             "guard_tolerance": 0 <= self.guard_tolerance <= 1,
             "drift": self.drift in ("adwin", "page-hinkley", "none"),
-            "ncm_window": self.ncm_window >= 1, "save_every": self.save_every >= 0,
+            "ncm_window": self.ncm_window >= 1, "guard_backoff": self.guard_backoff >= 0,
+            "save_every": self.save_every >= 0,
             "max_classes": 1 <= self.max_classes <= 1024,
         }
         bad = [k for k, ok in checks.items() if not ok]
@@ -154,10 +158,16 @@ class SoftmaxHead:
         return z @ self.weight.T + self.bias
 
     def learn(self, z: np.ndarray, y: np.ndarray, lr: float) -> None:
-        """One SGD step of mean cross-entropy on (z, y)."""
+        """One SGD step of class-balanced cross-entropy on (z, y).
+
+        Every class in the batch weighs the same, however many of its samples the batch has:
+        a batch of new-class samples mixed with replayed ones would otherwise pull the head
+        towards the newest classes (the recency bias of replay on a linear head).
+        """
         p, _ = _softmax_xent(self.logits(z), y)
         p[np.arange(len(y)), y] -= 1.0
-        p /= len(y)
+        classes, inverse, counts = np.unique(y, return_inverse=True, return_counts=True)
+        p *= (1.0 / (len(classes) * counts))[inverse][:, None]
         self.weight -= lr * (p.T @ z)
         self.bias -= lr * p.sum(axis=0)
 
@@ -476,14 +486,21 @@ class ContinualLearner:
             self.head.on_drift(self.config.ncm_window)
             if self.buffer is not None:
                 self.buffer.restart_reservoir()
-        candidate = copy.deepcopy(self.head)
-        for _ in range(self.config.steps):
-            zs, ys = z, y
-            if self.buffer is not None and self.config.replay_batch and candidate.kind == "softmax":
-                zr, yr = self.buffer.sample(self.config.replay_batch)
-                zs, ys = np.concatenate([z, zr]), np.concatenate([y, yr])
-            candidate.learn(zs, ys, self.config.lr)
-        reason = self._judge(candidate, known_before)
+        replay = [self.buffer.sample(self.config.replay_batch)
+                  if self.buffer is not None and self.config.replay_batch
+                  and self.head.kind == "softmax" else None for _ in range(self.config.steps)]
+        # A rejected step is retried with a 4x smaller learning rate (guard_backoff times):
+        # a new class's first steps may disturb the known ones at full rate but not at a
+        # smaller one, while a harmful batch stays harmful at any rate.
+        for attempt in range(self.config.guard_backoff + 1):
+            candidate = copy.deepcopy(self.head)
+            for extra in replay:
+                zs, ys = (z, y) if extra is None else (np.concatenate([z, extra[0]]),
+                                                      np.concatenate([y, extra[1]]))
+                candidate.learn(zs, ys, self.config.lr / 4 ** attempt)
+            reason = self._judge(candidate, known_before)
+            if not reason:
+                break
         if reason:
             res.rolled_back, res.reason = True, reason
             self.last_rollback = reason
@@ -508,10 +525,12 @@ class ContinualLearner:
         if old.sum() < self.config.guard_min_holdout:
             return ""
         zh, yh = zh[old], yh[old]
-        before = float((self.head.logits(zh).argmax(axis=1) == yh).mean())
-        after = float((candidate.logits(zh).argmax(axis=1) == yh).mean())
+        # Accuracy among the known classes only: a new class must be allowed to take its
+        # share of the predictions (that is learning it), but not to blur the known ones.
+        before = float((self.head.logits(zh)[:, :known_before].argmax(axis=1) == yh).mean())
+        after = float((candidate.logits(zh)[:, :known_before].argmax(axis=1) == yh).mean())
         if after < before - self.config.guard_tolerance:
-            return (f"holdout accuracy on {known_before} known classes would drop from "
+            return (f"holdout accuracy among the {known_before} known classes would drop from "
                     f"{before:.3f} to {after:.3f} (tolerance {self.config.guard_tolerance})")
         return ""
 

@@ -88,11 +88,14 @@ class ReplayBuffer:
         return self.latents[idx]
 
     def _random_slot_of(self, cls: int) -> int:
-        # Rejection sampling: cls is a largest class here, so this takes ~n_classes draws.
-        while True:
-            j = int(self.rng.integers(self.size))
-            if self.labels[j] == cls:
-                return j
+        # Rejection sampling in one vectorised draw: cls is a largest class here, so about
+        # 1/n_classes of the draws hit it; fall back to a scan in the unlikely miss.
+        n_classes = int(np.count_nonzero(self.counts))
+        cand = self.rng.integers(self.size, size=8 * n_classes + 8)
+        hits = cand[self.labels[cand] == cls]
+        if len(hits):
+            return int(hits[0])
+        return int(self.rng.choice(np.flatnonzero(self.labels[: self.size] == cls)))
 
     def add(self, z: np.ndarray, y: np.ndarray) -> int:
         """Offer samples ``z`` (n, dim) with class indices ``y``; returns how many were stored."""

@@ -137,17 +137,18 @@ def test_guard_rolls_back_a_damaging_update_and_keeps_the_head():
 
     learner = trained(True)
     before = learner.head.weight.copy()
-    x, _ = batch(rng, [0, 1, 2, 3], 64)
-    learner.config.lr = 50.0  # a wild step on mislabelled data
-    res = learner.observe(x, ["c0"] * 64)
-    assert res.rolled_back and "holdout accuracy" in res.reason
+    x, y = batch(rng, [0, 1, 2, 3], 64)
+    wrong = [f"c{(int(s[1:]) + 1) % 4}" for s in y]  # systematically mislabelled
+    learner.config.lr = 500.0  # a wild step (still wild after the guard's 16x backoff)
+    res = learner.observe(x, wrong)
+    assert res.rolled_back and "known classes would drop" in res.reason
     assert np.array_equal(learner.head.weight, before)
     assert learner.counters["updates_rolled_back"] == 1
     assert learner.last_rollback == res.reason
     assert accuracy(learner, rng, [0, 1, 2, 3]) > 0.9
     unguarded = trained(False)  # the same batch does damage without the guard
-    unguarded.config.lr = 50.0
-    assert not unguarded.observe(x, ["c0"] * 64).rolled_back
+    unguarded.config.lr = 500.0
+    assert not unguarded.observe(x, wrong).rolled_back
     assert accuracy(unguarded, rng, [0, 1, 2, 3]) < 0.6
 
 

@@ -25,7 +25,7 @@ def simulate(
     = "naive,replay,ncm,joint",
     buffer_bytes: Annotated[int, typer.Option(help="Replay buffer budget in bytes.")] = 1_000_000,
     int8: Annotated[bool, typer.Option(help="Store replayed latents as int8.")] = True,
-    lr: Annotated[float, typer.Option(help="SGD learning rate of the head.")] = 0.5,
+    lr: Annotated[float, typer.Option(help="SGD learning rate of the head.")] = 2.0,
     batch_size: Annotated[int, typer.Option(help="Samples per observe() call.")] = 32,
     train_per_class: Annotated[int | None, typer.Option(help="Use at most N training images "
                                                              "per class.")] = None,

@@ -213,7 +213,11 @@ def grid_embedding(net: Any, grid: int) -> Any:
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             fmap = self.trunk(x)
-            return torch.nn.functional.adaptive_avg_pool2d(fmap, grid).flatten(1)
+            # ceil-mode pooling with a fixed kernel: ONNX has no adaptive pooling to a grid
+            # that does not divide the map (7x7 -> 3x3 uses 3x3 windows, the last ones partial).
+            k = -(-fmap.shape[-1] // grid)
+            cells = torch.nn.functional.avg_pool2d(fmap, k, k, ceil_mode=True)
+            return cells.flatten(1)
 
     return GridEmbedding().eval()
 
@@ -247,7 +251,8 @@ def pretrain_backbone(source: str, out_dir: Path, *, model: str = "cnn_s", epoch
                  "data.val_fraction=0.1", "optim.lr=0.003"]
     if limit:
         overrides.append(f"data.limit={limit}")
-    fit(load_config(None, overrides), force=True)
+    if not (run / "last.pt").exists():  # a finished pre-training run is reused
+        fit(load_config(None, overrides), force=True)
     ckpt = load_checkpoint(run / "best.pt" if (run / "best.pt").exists() else run / "last.pt")
     net, info = model_from_checkpoint(ckpt)
     module = grid_embedding(net, grid)
@@ -301,7 +306,12 @@ def simulate(scenario: str, backbone: str | Path, *, strategies: tuple[str, ...]
                                  shift=shift, seed=seed)
     report = SimulationReport(scenario, [e.name for e in exps], str(backbone),
                               int(exps[0].z_train.shape[1]), batch_size, config.buffer_bytes)
-    for s in strategies:
-        report.results.append(run_strategy(s, exps, labels, config, batch_size=batch_size,
-                                           seed=seed))
+    from threadpoolctl import threadpool_limits
+
+    # The head's matrices are tiny: multi-threaded BLAS only adds synchronisation (10x slower
+    # updates on a busy 2-core machine), and a device app would run them on one core too.
+    with threadpool_limits(1):
+        for s in strategies:
+            report.results.append(run_strategy(s, exps, labels, config, batch_size=batch_size,
+                                               seed=seed))
     return report
