@@ -112,7 +112,8 @@ def profile(
 def _label(row: dict[str, Any]) -> str:
     art = row.get("artifact") or {}
     name = Path(art.get("file") or row.get("model_arg", "?")).name
-    return f"{name} [{row.get('backend_name')}, {art.get('precision') or '?'}]"
+    prec = art.get("precision") or (row.get("model") or {}).get("precision") or "?"
+    return f"{name} [{row.get('backend_name')}, {prec}]"
 
 
 def _ms(v: float | None) -> str:
@@ -162,7 +163,7 @@ def _table(rows: list[dict[str, Any]], previous: list[dict[str, Any] | None] | N
                       "Latencies are per batch, model-only unless 'e2e' (raw uint8 -> "
                       "prediction).[/]", highlight=False)
     for n in notes:
-        console.print(f"[yellow]note:[/] {n}", highlight=False)
+        console.print(f"[yellow]note:[/] {n}", highlight=False, soft_wrap=True)
 
 
 def _size(n: int) -> str:

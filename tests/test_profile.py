@@ -1,0 +1,179 @@
+"""Profiler, runner bundle, device files and ``edgekt profile`` on this machine."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import _devices_support
+import numpy as np
+import pytest
+from edgekt.devices.bundle import build_runner
+from edgekt.devices.config import load_device, parse_device
+from edgekt.devices.profiler import summarize, time_loop
+from edgekt.devices.transport import parse_runner_output
+from typer.testing import CliRunner
+
+from edgekt.cli.app import app
+from edgekt.errors import EdgektError
+
+device_models = _devices_support.device_models  # the session fixture
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_summarize_known_samples():
+    s = summarize(np.arange(1, 101, dtype=np.int64) * 1_000_000)  # 1..100 ms
+    assert s["n"] == 100 and s["min"] == 1 and s["max"] == 100
+    assert s["p50"] == pytest.approx(50.5) and s["p99"] == pytest.approx(99.01)
+    assert s["mean"] == pytest.approx(50.5) and s["std"] == pytest.approx(28.866, rel=1e-3)
+
+
+def test_time_loop_counts_and_budget():
+    calls = []
+    out = time_loop(lambda: calls.append(1), warmup=3, iters=7, seconds=99)
+    assert len(out) == 7 and len(calls) == 10 and (out >= 0).all()
+    t0 = time.perf_counter()
+    out = time_loop(lambda: time.sleep(0.001), warmup=0, iters=None, seconds=0.05, min_iters=3)
+    assert 0.05 <= time.perf_counter() - t0 < 1.0 and len(out) >= 3
+    assert np.median(out) >= 1_000_000  # nanoseconds: each call slept >= 1 ms
+
+
+def test_runner_bundle_is_self_contained(device_models, tmp_path):
+    """The .pyz profiles a model from a directory where no edgekt checkout is importable."""
+    runner = build_runner(tmp_path)
+    assert build_runner(tmp_path) == runner  # content-addressed, built once
+    proc = subprocess.run(
+        [sys.executable, "-I", str(runner), "profile", str(device_models.classifier),
+         "--threads", "1", "--iters", "20", "--warmup", "2"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    res = parse_runner_output(proc.stdout)
+    assert proc.returncode == 0 and res["status"] == "ok", proc.stderr
+    assert res["runner"]["edgekt_from"].startswith(str(runner))
+    assert res["latency_ms"]["model"]["n"] == 20
+    assert res["load_ms"] > 0 and res["first_ms"] > 0 and res["rss_mb"]["peak"] > 0
+    assert res["model"]["size_bytes"] == device_models.classifier.stat().st_size
+    assert set(res["host"]["flags"]) >= {"avx2", "avx512", "vnni", "amx", "neon"}
+    assert res["backend"]["intra_op_num_threads"] == 1
+    bad = subprocess.run([sys.executable, "-I", str(runner), "profile", "/nonexistent.onnx"],
+                         capture_output=True, text=True, timeout=60)
+    err = parse_runner_output(bad.stdout)
+    assert bad.returncode == 3 and err["error_kind"] == "user" and "no such" in err["error"]
+
+
+def test_model_without_metadata_is_profiled_model_only(device_models):
+    from edgekt.devices.profiler import ProfileSettings, profile_model
+
+    res = profile_model(device_models.nometa, "onnxruntime",
+                        ProfileSettings(warmup=1, iters=5, threads=1))
+    assert res["latency_ms"]["e2e"] is None and res["model"]["preprocessing"] == "unknown"
+    assert "preprocessing unknown" in res["notes"][0]
+
+
+def test_device_files_are_strict(tmp_path):
+    assert load_device("local").transport == "local"
+    for name in ("rpi4", "jetson", "intel-npu"):
+        assert load_device(name).name == name
+    typo = tmp_path / "board.yaml"
+    typo.write_text("transport: ssh\nhost: pi.local\nthreds: 4\n")
+    with pytest.raises(EdgektError, match="unknown key 'threds'; did you mean 'threads'"):
+        parse_device(typo)
+    nohost = tmp_path / "nohost.yaml"
+    nohost.write_text("transport: ssh\n")
+    with pytest.raises(EdgektError, match="needs 'host'"):
+        parse_device(nohost)
+    with pytest.raises(EdgektError, match="did you mean 'rpi4'"):
+        load_device("rpi5")
+
+
+def test_cli_profile_local_json_plot_compare(device_models, tmp_path):
+    """Two backends in their own processes; store, --compare against the previous run, plot."""
+    store, out, png = tmp_path / "s.jsonl", tmp_path / "r.json", tmp_path / "p.png"
+    args = ["profile", str(device_models.package), "--backend", "ort,ov", "--threads", "1",
+            "--iters", "40", "--warmup", "3", "--store", str(store)]
+    first = CliRunner().invoke(app, [*args, "--out", str(out), "--plot", str(png)])
+    assert first.exit_code == 0, first.output
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["backend"]["name"] for r in rows] == ["onnxruntime", "openvino"]
+    assert len({r["runner"]["executable"] for r in rows}) == 1
+    for r in rows:
+        lat = r["latency_ms"]["model"]
+        assert lat["min"] <= lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"]
+        assert len(r["samples_ms"]["model"]) == 40 and r["loadavg"]["before"] is not None
+    assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
+    second = CliRunner().invoke(app, [*args, "--compare"])
+    assert second.exit_code == 0 and "Δp50" in second.output and "%" in second.output
+    recs = [json.loads(line) for line in store.read_text().splitlines()]
+    assert len(recs) == 4 and recs[0]["key"] == recs[2]["key"]
+    assert "samples_ms" not in recs[0]
+    again = CliRunner().invoke(app, ["profile", "--compare", "--store", str(store)])
+    assert again.exit_code == 0 and recs[-1]["run_id"] in again.output
+    js = CliRunner().invoke(app, ["profile", str(device_models.classifier), "--json", "--iters",
+                                  "5", "--threads", "1", "--backend", "ort", "--no-save"])
+    assert js.exit_code == 0 and json.loads(js.stdout)[0]["status"] == "ok"
+
+
+def test_cli_bad_inputs_exit_non_zero_and_keep_good_rows(device_models, tmp_path):
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"not a model at all")
+    store = tmp_path / "s.jsonl"
+    res = CliRunner().invoke(app, ["profile", str(device_models.classifier), str(junk),
+                                   "--backend", "ort", "--iters", "5", "--store", str(store)])
+    assert res.exit_code == 1
+    assert "truncated, corrupt or not a model" in res.output
+    assert [json.loads(x)["status"] for x in store.read_text().splitlines()] == ["ok", "error"]
+    both = CliRunner().invoke(app, ["profile", str(junk), "--iters", "5", "--seconds", "1"])
+    assert both.exit_code != 0 and "either --iters or --seconds" in str(both.exception)
+
+
+def test_cli_devices_check_and_list():
+    res = CliRunner().invoke(app, ["devices", "check", "local"])
+    assert res.exit_code == 0, res.output
+    assert "cpu_model" in res.output and "onnxruntime=" in res.output
+    listing = CliRunner().invoke(app, ["devices", "list"])
+    assert all(n in listing.output for n in ("local", "rpi4", "jetson", "intel-npu"))
+
+
+def test_device_runtime_never_imports_torch(device_models):
+    code = (
+        "import sys, numpy as np\n"
+        "import edgekt.devices, edgekt.devices.profiler, edgekt.devices.runner\n"
+        "import edgekt.devices.campaign, edgekt.devices.transport, edgekt.devices.store\n"
+        "import edgekt.devices.backends.onnxruntime, edgekt.devices.backends.openvino\n"
+        "from edgekt.devices import EdgeModel\n"
+        "from edgekt.devices.profiler import ProfileSettings, profile_model\n"
+        f"m = EdgeModel.load({str(device_models.package)!r})\n"
+        "m.predict(np.zeros((28, 28), np.uint8)); m.embed(np.zeros((28, 28), np.uint8))\n"
+        f"profile_model({str(device_models.classifier)!r}, 'ov', ProfileSettings(iters=3))\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision')]\n"
+        "assert not bad, bad\n"
+        "print('clean')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and "clean" in proc.stdout, proc.stderr
+
+
+@pytest.mark.slow
+def test_device_extra_installs_and_runs_in_a_fresh_venv_without_torch(device_models, tmp_path):
+    """``pip install edgekt[device]`` into a fresh venv (offline, from the local package index),
+    then run a model there and prove torch is absent."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    py = str(venv / "bin" / "python")
+    proc = subprocess.run([py, "-m", "pip", "install", "-q", "--disable-pip-version-check",
+                           f"{REPO}[device]"], timeout=900, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    code = ("import importlib.util, numpy as np\n"
+            "assert importlib.util.find_spec('torch') is None, 'torch is installed'\n"
+            "from edgekt.devices import EdgeModel\n"
+            f"m = EdgeModel.load({str(device_models.package)!r}, threads=1)\n"
+            f"print(m.predict(np.load({str(device_models.root / 'reference.npz')!r})"
+            "['images'][:3]))\n")
+    # cwd: away from the checkout, whose edgekt/ directory would shadow the installed package.
+    proc = subprocess.run([py, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    want = [device_models.labels[i] for i in device_models.logits[:3].argmax(1)]
+    assert proc.stdout.strip() == str(want)
