@@ -90,23 +90,28 @@ def summarize(samples_ns: np.ndarray) -> dict[str, float]:
 
 
 def rss_mb() -> dict[str, float | None]:
-    """Current and peak resident memory of this process in MiB."""
-    current = None
+    """Current and peak resident memory of this process in MiB.
+
+    Linux: VmRSS/VmHWM of this process image (``ru_maxrss`` would report the parent's peak
+    in a child spawned from a big parent, since it survives fork + exec).
+    """
+    status: dict[str, float] = {}
     try:
-        with open("/proc/self/statm") as f:
-            current = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(("VmRSS:", "VmHWM:")):
+                    status[line[:5]] = int(line.split()[1]) / 1024
     except (OSError, ValueError, IndexError):
         pass
+    if status:
+        return {"current": status.get("VmRSS"), "peak": status.get("VmHWM")}
     try:
         import resource
 
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        peak_mb = peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes vs KiB
+        return {"current": None, "peak": peak / 2**20 if sys.platform == "darwin" else peak / 1024}
     except ImportError:  # Windows
-        peak_mb = None
-    if peak_mb is not None and current is not None:
-        peak_mb = max(peak_mb, current)  # the two counters round differently
-    return {"current": current, "peak": peak_mb}
+        return {"current": None, "peak": None}
 
 
 def file_digest(files: list[Path]) -> tuple[str, int]:
