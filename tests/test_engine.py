@@ -6,7 +6,7 @@ from edgekt.engine import fit
 from edgekt.engine.checkpoint import load_checkpoint
 from edgekt.engine.fit import Trainer
 from edgekt.engine.optim import param_groups
-from edgekt.engine.tasks import SupervisedTask, StepOutput
+from edgekt.engine.tasks import StepOutput, SupervisedTask
 from edgekt.errors import EdgektError
 from edgekt.models import create_model
 

@@ -7,7 +7,7 @@ import sys
 import typer
 from rich.console import Console
 
-from edgekt.cli import continual, distill, export, fewshot, profile, train
+from edgekt.cli import continual, distill, export, fewshot, pipeline, profile, train
 from edgekt.errors import EdgektError
 
 app = typer.Typer(
@@ -19,6 +19,7 @@ app = typer.Typer(
 )
 app.command("train")(train.train)
 app.command("distill")(distill.distill)
+app.command("pipeline")(pipeline.pipeline)
 app.command("eval")(train.evaluate_checkpoint)
 app.command("export")(export.export)
 app.command("info")(train.info)

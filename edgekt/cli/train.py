@@ -11,11 +11,11 @@ from rich.console import Console
 from rich.table import Table
 
 from edgekt.cli.options import (
-    OptionalConfigArg,
     DataDirOpt,
     DeviceOpt,
     ForceOpt,
     LimitOpt,
+    OptionalConfigArg,
     ResumeOpt,
     RunDirOpt,
     SetOpt,

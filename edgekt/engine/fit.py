@@ -234,7 +234,8 @@ class Trainer:
             "train_acc": r["correct"] / max(r["seen"], 1),
             "val_loss": val["loss"], "val_acc": val["acc"],
             "lr": self.opt.param_groups[0]["lr"],
-            "epoch_seconds": seconds, "images_per_s": r["seen"] * self.rt.world / max(seconds, 1e-9),
+            "epoch_seconds": seconds,
+            "images_per_s": r["seen"] * self.rt.world / max(seconds, 1e-9),
         }
         row.update({f"val_{k}": v for k, v in val.items() if k not in ("loss", "acc")})
         if self.rt.is_main:

@@ -35,7 +35,8 @@ def frozen_modules(model: EdgeNet, spec: str | int) -> list[nn.Module]:
         return [m for name, m in model.named_children() if name != "head"]
     assert isinstance(spec, int)
     if not 0 <= spec <= len(stages):
-        raise EdgektError(f"finetune.freeze: {spec} is out of range (model has {len(stages)} stages)")
+        raise EdgektError(
+            f"finetune.freeze: {spec} is out of range (the model has {len(stages)} stages)")
     return stages[:spec]
 
 

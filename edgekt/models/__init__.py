@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from edgekt.models import compact, tv  # noqa: F401  (registration)
-from edgekt.models.base import Embedding, EdgeNet
+from edgekt.models.base import EdgeNet, Embedding
 from edgekt.models.registry import MODELS
 from edgekt.models.weights import load_weights
 

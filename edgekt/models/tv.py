@@ -31,7 +31,8 @@ TORCHVISION: dict[str, tuple[str, str, list[str]]] = {
 class TorchvisionNet(EdgeNet):
     """A torchvision classifier split into ``backbone`` (head removed) and a linear ``head``."""
 
-    def __init__(self, backbone: nn.Module, embedding_dim: int, num_classes: int, stages: list[str]):
+    def __init__(self, backbone: nn.Module, embedding_dim: int, num_classes: int,
+                 stages: list[str]) -> None:
         super().__init__()
         self.backbone = backbone
         self.embedding_dim = embedding_dim
@@ -75,7 +76,8 @@ def adapt_stem(model: nn.Module, in_channels: int, image_size: int, stem: str) -
     _set_module(
         model,
         name,
-        nn.Conv2d(in_channels, conv.out_channels, kernel, stride, padding, bias=conv.bias is not None),
+        nn.Conv2d(in_channels, conv.out_channels, kernel, stride, padding,
+                  bias=conv.bias is not None),
     )
 
 

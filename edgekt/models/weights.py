@@ -76,7 +76,8 @@ def load_weights(model: EdgeNet, path: str | Path, *, keep_head: bool = True) ->
     return missing
 
 
-def _map_torchvision_keys(model: EdgeNet, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _map_torchvision_keys(model: EdgeNet, state: dict[str, torch.Tensor]
+                          ) -> dict[str, torch.Tensor]:
     own = model.state_dict()
     out = {}
     head_w = {k for k, v in state.items() if v.dim() == 2 and v.shape[1] == model.embedding_dim}

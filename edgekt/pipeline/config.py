@@ -1,0 +1,107 @@
+"""The pipeline's typed config: teacher, students, export, profile, report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field
+
+from edgekt.config import Strict, apply_overrides, validate
+from edgekt.errors import EdgektError
+
+PRESETS_DIR = Path(__file__).parents[1] / "configs"
+
+
+class TeacherSpec(Strict):
+    checkpoint: str | None = None
+    """Use this trained teacher checkpoint instead of training one."""
+    config: str = "quick_teacher.yaml"
+    """Training config (a path, or the name of a packaged config in edgekt/configs)."""
+    set: list[str] = Field(default_factory=list)
+    """Overrides for the teacher's training config (`optim.lr=0.01`, ...)."""
+
+
+class StudentSpec(Strict):
+    name: str
+    """Row name in the report and folder name under students/."""
+    model: str = "cnn_s"
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    config: str = "student_fashion.yaml"
+    """Base training config of the student (optimiser, schedule, batch size)."""
+    losses: list[dict[str, Any]] = Field(
+        default_factory=lambda: [{"name": "hinton_kd", "temperature": 4.0}])
+    """KD loss terms (see `edgekt distill`); an empty list trains the student from scratch."""
+    epochs: int = Field(3, gt=0)
+    set: list[str] = Field(default_factory=list)
+    """Extra overrides of the student's run config."""
+
+
+class ExportSpec(Strict):
+    targets: list[str] = Field(default_factory=lambda: ["onnx", "openvino"])
+    precisions: list[str] = Field(default_factory=lambda: ["fp32", "int8"])
+    calib_samples: int = Field(300, gt=0)
+    max_drop: float | None = None
+    allow_mismatch: bool = True
+    """Keep an artifact that fails the parity gate (it is marked in the report)."""
+    teacher: bool = True
+    """Export the teacher too (FP32), to compare runtimes like for like."""
+
+
+class ProfileSpec(Strict):
+    devices: list[str] = Field(default_factory=lambda: ["local"])
+    """Device names (devices/*.yaml) or device files; unreachable ones are marked, not fatal."""
+    backends: list[str] = Field(default_factory=lambda: ["onnxruntime", "openvino"])
+    threads: int = Field(1, gt=0)
+    batch: int = Field(1, gt=0)
+    warmup: int = Field(20, ge=0)
+    seconds: float = Field(2.0, gt=0)
+    torch_eager: bool = True
+    """Also time every model in PyTorch eager on this machine (the speed-up baseline)."""
+
+
+class PipelineConfig(Strict):
+    run_dir: str = "runs/pipeline"
+    data: dict[str, Any] = Field(default_factory=dict)
+    """Data settings shared by every stage (`name`, `data_dir`, `limit`, ...)."""
+    teacher: TeacherSpec = Field(default_factory=TeacherSpec)
+    students: list[StudentSpec] = Field(default_factory=list)
+    export: ExportSpec = Field(default_factory=ExportSpec)
+    profile: ProfileSpec = Field(default_factory=ProfileSpec)
+
+
+def resolve_config_path(name: str) -> Path:
+    """A config given by path, or by the name of a packaged one (``quick_teacher.yaml``)."""
+    p = Path(name)
+    if p.is_file():
+        return p
+    packaged = PRESETS_DIR / name
+    if packaged.is_file():
+        return packaged
+    raise EdgektError(f"config {name!r} not found (neither a file nor one of edgekt/configs: "
+                      f"{', '.join(sorted(f.name for f in PRESETS_DIR.glob('*.yaml')))})")
+
+
+def load_pipeline_config(path: str | Path | None, preset: str | None,
+                         overrides: list[str]) -> PipelineConfig:
+    """Load a pipeline YAML (or a preset: ``quick``/``full``) and apply ``--set`` overrides."""
+    if path is None and preset is None:
+        preset = "quick"
+    if path is None:
+        path = resolve_config_path(f"pipeline_{preset}.yaml")
+    p = Path(path)
+    if not p.is_file():
+        raise EdgektError(f"pipeline config not found: {p}")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise EdgektError(f"{p}: not valid YAML: {exc}") from None
+    apply_overrides(raw, overrides)
+    cfg: PipelineConfig = validate(PipelineConfig, raw, str(p))
+    names = [s.name for s in cfg.students]
+    if not names:
+        raise EdgektError(f"{p}: students: list at least one student")
+    if len(set(names)) != len(names):
+        raise EdgektError(f"{p}: students: names must be unique, got {names}")
+    return cfg

@@ -1,0 +1,101 @@
+"""`edgekt pipeline` end to end on a tiny real subset: files, numbers, skips, resume, errors."""
+
+import json
+
+import pytest
+
+from edgekt.errors import EdgektError
+from edgekt.pipeline import load_pipeline_config, run_pipeline
+
+TINY = """
+run_dir: {run}
+data: {{name: fashion-mnist, limit: 600, val_fraction: 0.02}}
+teacher:
+  config: quick_teacher.yaml
+  set: [train.epochs=1, model.name=cnn_s, train.progress=false, train.threads=1,
+        data.batch_size=32, sched.name=none]
+students:
+  - name: xs-kd
+    model: cnn_xs
+    epochs: 1
+    set: [train.progress=false, train.threads=1, data.batch_size=32]
+export:
+  targets: [onnx]
+  precisions: [fp32, int8]
+  calib_samples: 100
+profile:
+  devices: [local, {unreachable}]
+  backends: [onnxruntime]
+  seconds: 0.2
+  warmup: 5
+"""
+
+
+def quiet(msg: str) -> None:
+    pass
+
+
+@pytest.mark.slow
+def test_pipeline_end_to_end_then_skips_then_redoes_from_a_stage(tmp_path):
+    dead = tmp_path / "dead.yaml"  # an SSH board that is not there: profiled rows are marked
+    dead.write_text("name: dead\ntransport: ssh\nhost: 127.0.0.1\nport: 9\nuser: nobody\n"
+                    "connect_timeout: 2\n")
+    cfg_file = tmp_path / "p.yaml"
+    cfg_file.write_text(TINY.format(run=tmp_path / "run", unreachable=dead))
+    cfg = load_pipeline_config(cfg_file, None, [])
+    report = run_pipeline(cfg, log=quiet)
+    run = tmp_path / "run"
+    for name in ("report.md", "report.json", "pareto.png", "latency_cdf.png",
+                 "teacher/best.pt", "students/xs-kd/best.pt", "export/xs-kd/manifest.json",
+                 "export/teacher/manifest.json"):
+        assert (run / name).is_file(), name
+    assert set(report["stages"].values()) == {"ran"}
+    rows = report["rows"]
+    local = [r for r in rows if r["device"] == "local" and r["status"] == "ok"]
+    kinds = {(r["name"], r["runtime"], r["precision"]) for r in local}
+    assert {("xs-kd", "onnxruntime", "fp32"), ("xs-kd", "onnxruntime", "int8"),
+            ("teacher", "onnxruntime", "fp32"), ("teacher", "torch-eager", "fp32"),
+            ("xs-kd", "torch-eager", "fp32")} <= kinds
+    assert all(r["p50_ms"] > 0 and 0 <= r["test_acc"] <= 1 for r in local)
+    assert any(r["pareto"] for r in local)
+    teacher_eager = next(r for r in local if r["name"] == "teacher" and
+                         r["runtime"] == "torch-eager")
+    assert teacher_eager["speedup_vs_teacher_eager"] == pytest.approx(1.0)
+    dead_rows = [r for r in rows if r["device"] != "local"]
+    assert dead_rows and all(r["status"] != "ok" for r in dead_rows)
+    md = (run / "report.md").read_text()
+    assert "| xs-kd | onnxruntime | int8 |" in md and "**yes**" in md
+    saved = json.loads((run / "report.json").read_text())
+    assert saved["students"]["xs-kd"]["params"] < saved["teacher"]["params"]
+
+    again = run_pipeline(cfg, log=quiet)
+    assert set(again["stages"].values()) == {"skipped"}
+
+    redo = run_pipeline(cfg, redo_from="export", log=quiet)
+    assert redo["stages"] == {"teacher": "skipped", "students": "skipped", "export": "ran",
+                              "profile": "ran", "report": "ran"}
+
+
+def test_student_that_cannot_be_distilled_fails_clearly(tmp_path):
+    cfg_file = tmp_path / "p.yaml"
+    cfg_file.write_text(TINY.format(run=tmp_path / "run", unreachable="local"))
+    teacher_ck = tmp_path / "run" / "teacher"
+    cfg = load_pipeline_config(cfg_file, None, [
+        "students=[{name: bad, model: cnn_xs, epochs: 1, set: ['data.classes=[0,1,2]']}]"])
+    with pytest.raises(EdgektError, match="(?i)class"):
+        run_pipeline(cfg, log=quiet)
+    assert (teacher_ck / "best.pt").is_file()  # the finished teacher stage is kept
+    assert (tmp_path / "run" / "stages" / "teacher.json").is_file()
+
+
+def test_bad_pipeline_configs(tmp_path):
+    p = tmp_path / "p.yaml"
+    p.write_text("students: []\n")
+    with pytest.raises(EdgektError, match="at least one student"):
+        load_pipeline_config(p, None, [])
+    p.write_text("studnets: []\n")
+    with pytest.raises(EdgektError, match="did you mean 'students'"):
+        load_pipeline_config(p, None, [])
+    with pytest.raises(EdgektError, match="--from"):
+        run_pipeline(load_pipeline_config(None, "quick", [f"run_dir={tmp_path / 'r'}"]),
+                     redo_from="nope", log=quiet)
