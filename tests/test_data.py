@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from edgekt.config import DataConfig
@@ -72,3 +73,24 @@ def test_augmentation_is_seeded_and_keeps_shape():
     a = random_crop_flip(x, torch.Generator().manual_seed(0))
     b = random_crop_flip(x, torch.Generator().manual_seed(0))
     assert a.shape == x.shape and torch.equal(a, b)
+
+
+def test_imagefolder_reads_the_users_images(tmp_path):
+    """Real digits written as PNG class folders, read back through torchvision's ImageFolder."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    for split, rows in (("train", range(0, 60)), ("test", range(60, 90))):
+        for i in rows:
+            folder = tmp_path / split / f"digit{d.target[i]}"
+            folder.mkdir(parents=True, exist_ok=True)
+            img = (d.images[i] * 255 / 16).astype(np.uint8)
+            Image.fromarray(img).convert("RGB").save(folder / f"{i}.png")
+    s = build_splits(DataConfig(name=f"imagefolder:{tmp_path}", image_size=16))
+    assert s.info.in_channels == 3 and s.info.image_size == 16
+    assert s.info.labels == [f"digit{k}" for k in range(10)]
+    assert len(s.train) + len(s.val) == 60 and len(s.test) == 30
+    with pytest.raises(EdgektError, match="not a directory"):
+        build_splits(DataConfig(name=f"imagefolder:{tmp_path / 'nope'}"))

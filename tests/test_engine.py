@@ -98,3 +98,24 @@ def test_finetune_with_new_head_on_other_dataset(tmp_path, tiny_checkpoint):
                     "finetune.freeze=1", "optim.layer_decay=0.7", "optim.lr=0.01",
                     "data.batch_size=32", "sched.name=none"))
     assert r.metrics["test_acc"] > 0.4
+
+
+@pytest.mark.parametrize("sched", ["cosine", "step", "onecycle", "none"])
+def test_schedules_warm_up_and_decay(sched):
+    from edgekt.engine.optim import build_optimizer, build_scheduler
+
+    cfg = load_config(None, [f"sched.name={sched}", "sched.warmup_epochs=1", "sched.step_size=2",
+                             "optim.lr=1.0", "optim.name=sgd"])
+    m = create_model("cnn_xs", num_classes=10, in_channels=1, image_size=28)
+    opt = build_optimizer(param_groups(m, cfg.optim, []), cfg.optim)
+    s = build_scheduler(opt, cfg.sched, steps_per_epoch=10, epochs=4)
+    lrs = []
+    for _ in range(40):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        s.step()
+    assert lrs[0] < 0.2 and max(lrs) == pytest.approx(1.0, rel=0.05)  # warm-up to the base lr
+    if sched != "none":
+        assert lrs[-1] < 0.2  # decayed by the end
+    else:
+        assert lrs[-1] == pytest.approx(1.0)

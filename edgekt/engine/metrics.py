@@ -16,7 +16,13 @@ class MetricsLog:
         self.csv = run_dir / "metrics.csv"
         self.tb = None
         if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                from edgekt.errors import EdgektError
+
+                raise EdgektError("train.tensorboard: true needs the tensorboard package "
+                                  "(pip install tensorboard), or set it to false") from None
 
             self.tb = SummaryWriter(str(run_dir / "tb"))
 
