@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,8 +34,8 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import numpy as np
-from edgekt.devices.state import State, StateCorruptError, load_state, save_state
 
+from edgekt.devices.state import State, StateCorruptError, load_state, save_state
 from edgekt.errors import EdgektError
 
 log = logging.getLogger(__name__)
@@ -191,6 +192,9 @@ class PrototypeClassifier:
                  scale: float = 1.0, threshold: float | None = None, recover: bool = False) -> None:
         self.embedder = embedder
         self.path = Path(state_path)
+        # Changes are read-modify-commit sequences: one at a time per classifier, and readers
+        # take a consistent (labels, prototypes) snapshot. One process should own a state file.
+        self._lock = threading.RLock()
         loaded = self._load(recover)
         if loaded is None:
             if metric not in METRICS:
@@ -253,17 +257,19 @@ class PrototypeClassifier:
 
     def predict_batch(self, samples: Sequence[np.ndarray] | np.ndarray) -> list[Prediction]:
         """Classify several samples (one embedding call)."""
-        if not self._labels:
+        with self._lock:
+            labels, protos, threshold = self._labels, self._protos, self.threshold
+        if not labels:
             raise EdgektError("no class enrolled yet: enroll at least one label before predict")
-        d = distances(self.embed(samples), self._protos, self.metric)
+        d = distances(self.embed(samples), protos, self.metric)
         logits = -self.scale * d
         p = np.exp(logits - logits.max(1, keepdims=True))
         p /= p.sum(1, keepdims=True)
         out = []
         for row, prob in zip(d, p, strict=True):
             j = int(row.argmin())
-            far = self.threshold is not None and row[j] > self.threshold
-            out.append(Prediction(None if far else self._labels[j], self._labels[j],
+            far = threshold is not None and row[j] > threshold
+            out.append(Prediction(None if far else labels[j], labels[j],
                                   float(row[j]), float(prob[j])))
         return out
 
@@ -277,6 +283,10 @@ class PrototypeClassifier:
         """
         _check_label(label)
         emb = self.embed(samples)
+        with self._lock:
+            return self._enroll(label, emb, replace)
+
+    def _enroll(self, label: str, emb: np.ndarray, replace: bool) -> int:
         protos, counts, labels = self._protos, self._counts.copy(), list(self._labels)
         if not protos.size:
             protos = np.zeros((0, emb.shape[1]))
@@ -299,21 +309,23 @@ class PrototypeClassifier:
 
     def remove(self, label: str) -> None:
         """Forget ``label`` (EdgektError if it is not enrolled)."""
-        j = self._index(label)
-        keep = [i for i in range(len(self._labels)) if i != j]
-        self._commit([self._labels[i] for i in keep], self._protos[keep], self._counts[keep])
+        with self._lock:
+            j = self._index(label)
+            keep = [i for i in range(len(self._labels)) if i != j]
+            self._commit([self._labels[i] for i in keep], self._protos[keep], self._counts[keep])
 
     def set_threshold(self, threshold: float | None) -> None:
         """Set the rejection distance (None: never reject)."""
         if threshold is not None and not (np.isfinite(threshold) and threshold >= 0):
             raise EdgektError(f"threshold must be a finite distance >= 0 or None, got {threshold}")
-        old = self.threshold
-        self.threshold = None if threshold is None else float(threshold)
-        try:
-            self._commit(self._labels, self._protos, self._counts)
-        except BaseException:
-            self.threshold = old
-            raise
+        with self._lock:
+            old = self.threshold
+            self.threshold = None if threshold is None else float(threshold)
+            try:
+                self._commit(self._labels, self._protos, self._counts)
+            except BaseException:
+                self.threshold = old
+                raise
 
     def calibrate_threshold(self, samples: Sequence[np.ndarray] | np.ndarray,
                             labels: Sequence[Any], *, shots: int = 5, target_frr: float = 0.05,
@@ -333,15 +345,16 @@ class PrototypeClassifier:
         _, codes = np.unique(y, return_inverse=True)
         rates = calibrate(emb, codes, shots=shots, metric=self.metric, target_frr=target_frr,
                           trials=trials, seed=seed)
-        old = (self.threshold, self.calibration)
-        self.threshold = rates.threshold
-        self.calibration = {**rates.as_dict(), "shots": shots, "target_frr": target_frr,
-                            "trials": trials}
-        try:
-            self._commit(self._labels, self._protos, self._counts)
-        except BaseException:
-            self.threshold, self.calibration = old
-            raise
+        with self._lock:
+            old = (self.threshold, self.calibration)
+            self.threshold = rates.threshold
+            self.calibration = {**rates.as_dict(), "shots": shots, "target_frr": target_frr,
+                                "trials": trials}
+            try:
+                self._commit(self._labels, self._protos, self._counts)
+            except BaseException:
+                self.threshold, self.calibration = old
+                raise
         return rates
 
     # ---- state ---------------------------------------------------------------------------------

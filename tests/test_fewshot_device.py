@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from edgekt.devices.fewshot import (
     PrototypeClassifier,
     calibrate,
@@ -23,7 +24,6 @@ from edgekt.devices.fewshot import (
     transform_embeddings,
 )
 from edgekt.devices.state import StateCorruptError
-
 from edgekt.errors import EdgektError
 
 torch.set_num_threads(1)
@@ -50,11 +50,10 @@ def proto_run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def embedding_onnx(proto_run, tmp_path_factory) -> Path:
     """The checkpoint's embedding exported to one .onnx file with edgekt metadata."""
-    from edgekt.exporters.meta import build_meta
-    from edgekt.exporters.onnx_export import export_onnx
-
     from edgekt.engine.checkpoint import load_checkpoint
     from edgekt.engine.setup import model_from_checkpoint
+    from edgekt.exporters.meta import build_meta
+    from edgekt.exporters.onnx_export import export_onnx
     from edgekt.models import Embedding
 
     model, info = model_from_checkpoint(load_checkpoint(proto_run))
@@ -385,3 +384,41 @@ def test_cli_package_enroll_predict_on_png_files(proto_run, novel_images, tmp_pa
         run("fewshot", "enroll", pkg, "x", bad)
     with pytest.raises(EdgektError, match="exists"):
         run("fewshot", "package", proto_run, pkg)
+
+
+def test_concurrent_enrollments_from_threads_are_all_kept(device_model, novel_images, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    imgs, y = novel_images
+    clf = PrototypeClassifier(device_model, tmp_path / "s.npz")
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda i: clf.enroll(f"c{i}", imgs[3 * i:3 * i + 3]), range(12)))
+    reloaded = PrototypeClassifier(device_model, tmp_path / "s.npz")
+    assert sorted(reloaded.labels()) == sorted(f"c{i}" for i in range(12))
+    assert all(reloaded.shots(f"c{i}") == 3 for i in range(12))
+
+
+@pytest.mark.slow
+def test_cli_train_and_eval(tmp_path):
+    from typer.testing import CliRunner
+
+    from edgekt.cli.app import app
+
+    runner = CliRunner()
+    cfg = ROOT / "edgekt" / "configs" / "fewshot_protonet.yaml"
+    res = runner.invoke(app, ["fewshot", "train", str(cfg), "--run-dir", str(tmp_path / "r"),
+                              "--limit", "600", "--set", "model.name=cnn_xs",
+                              "--set", "train.epochs=1", "--set", "train.threads=1",
+                              "--set", "data.batch_size=100", "--set", "train.progress=false",
+                              "--set", "method_args.eval_images=300"])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "r" / "last.pt").is_file()
+    res = runner.invoke(app, ["fewshot", "eval", str(tmp_path / "r" / "last.pt"), "--episodes",
+                              "40", "--shots", "1,5", "--json"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    rows = report["results"]["torch"]
+    assert [r["k_shot"] for r in rows] == [1, 5] and all(r["n_way"] == 4 for r in rows)
+    assert all(0.25 < r["acc"] <= 1 for r in rows) and report["open_set"]["novel"]
+    res = runner.invoke(app, ["fewshot", "train", str(cfg), "--set", "data.classes=null"])
+    assert isinstance(res.exception, EdgektError) and "base classes" in str(res.exception)
