@@ -57,8 +57,9 @@ def build_runner(directory: str | Path | None = None) -> Path:
     """Write the bundle (if not there yet) and return its path: ``edgekt-runner-<hash>.pyz``."""
     data = bundle_bytes()
     name = f"edgekt-runner-{hashlib.sha256(data).hexdigest()[:12]}.pyz"
+    # Not ".../edgekt": a directory of that name in the cwd would shadow the edgekt package.
     directory = Path(directory or os.environ.get("EDGEKT_CACHE")
-                     or Path(tempfile.gettempdir()) / "edgekt")
+                     or Path(tempfile.gettempdir()) / "edgekt-runners")
     path = directory / name
     if not path.is_file():
         atomic_write(path, lambda f: f.write(data))
