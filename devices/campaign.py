@@ -19,7 +19,6 @@ from edgekt.devices.backends import canonical_name
 from edgekt.devices.config import DeviceConfig
 from edgekt.devices.profiler import ProfileSettings
 from edgekt.devices.transport import Transport, TransportError, make_transport
-
 from edgekt.errors import EdgektError
 
 

@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from edgekt.devices.artifacts import Artifact, find_artifacts, select_artifact
 from edgekt.devices.backends import Backend, canonical_name, default_backend, open_backend
 from edgekt.devices.preprocess import Preprocessor
-
 from edgekt.errors import EdgektError
 from edgekt.metadata import METADATA_KEY, ModelMeta
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from edgekt.devices.backends.base import TensorInfo
 
+from edgekt.devices.backends.base import TensorInfo
 from edgekt.errors import EdgektError
 from edgekt.metadata import Preprocess
 

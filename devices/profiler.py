@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from edgekt.devices.fingerprint import host_fingerprint
 from edgekt.devices.model import EdgeModel
-
 from edgekt.errors import EdgektError
 
 SCHEMA = 1

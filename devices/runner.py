@@ -57,7 +57,6 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_MISSING
     except Exception as exc:  # noqa: BLE001 - report every failure as JSON to the host
         from edgekt.devices.backends.base import MissingRuntimeError
-
         from edgekt.errors import EdgektError
 
         if isinstance(exc, MissingRuntimeError):

@@ -19,7 +19,6 @@ from typing import Any
 from edgekt.devices.bundle import build_runner
 from edgekt.devices.config import DeviceConfig, local_python
 from edgekt.devices.runner import EXIT_MISSING, MARKER
-
 from edgekt.errors import EdgektError
 
 

@@ -38,10 +38,10 @@ console = Console(width=130)
 def export_models(out: Path) -> dict[str, Path]:
     """Student and teacher ONNX files with edgekt metadata (Fashion-MNIST geometry)."""
     import torch
-    from edgekt.exporters.meta import build_meta
-    from edgekt.exporters.onnx_export import export_onnx
 
     from edgekt.data import DatasetInfo
+    from edgekt.exporters.meta import build_meta
+    from edgekt.exporters.onnx_export import export_onnx
     from edgekt.models import create_model
 
     torch.manual_seed(0)

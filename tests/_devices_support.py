@@ -39,11 +39,11 @@ def build(root: Path, checkpoint: Path, splits) -> DeviceModels:
     import onnx
     import openvino as ov
     import torch
-    from edgekt.exporters.meta import build_meta
-    from edgekt.exporters.onnx_export import export_onnx
 
     from edgekt.engine.checkpoint import load_checkpoint
     from edgekt.engine.setup import model_from_checkpoint
+    from edgekt.exporters.meta import build_meta
+    from edgekt.exporters.onnx_export import export_onnx
     from edgekt.metadata import METADATA_KEY
     from edgekt.models.base import Embedding
 

@@ -8,8 +8,8 @@ from typing import ClassVar
 import _devices_support
 import numpy as np
 import pytest
-from edgekt.devices.backends import BACKENDS, backend_class, canonical_name, open_backend
 
+from edgekt.devices.backends import BACKENDS, backend_class, canonical_name, open_backend
 from edgekt.errors import EdgektError
 from edgekt.metadata import ModelMeta
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import _devices_support
 import numpy as np
 import pytest
+
 from edgekt.devices import EdgeModel
 from edgekt.devices.artifacts import find_artifacts, select_artifact
-
 from edgekt.errors import EdgektError
 
 device_models = _devices_support.device_models  # the session fixture

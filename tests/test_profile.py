@@ -11,13 +11,13 @@ from pathlib import Path
 import _devices_support
 import numpy as np
 import pytest
+from typer.testing import CliRunner
+
+from edgekt.cli.app import app
 from edgekt.devices.bundle import build_runner
 from edgekt.devices.config import load_device, parse_device
 from edgekt.devices.profiler import summarize, time_loop
 from edgekt.devices.transport import parse_runner_output
-from typer.testing import CliRunner
-
-from edgekt.cli.app import app
 from edgekt.errors import EdgektError
 
 device_models = _devices_support.device_models  # the session fixture

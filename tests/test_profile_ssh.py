@@ -19,13 +19,13 @@ from pathlib import Path
 import _devices_support
 import pytest
 import yaml
+from typer.testing import CliRunner
+
+from edgekt.cli.app import app
 from edgekt.devices.campaign import fingerprint, run_profiles
 from edgekt.devices.config import DeviceConfig, parse_device
 from edgekt.devices.profiler import ProfileSettings
 from edgekt.devices.transport import TransportError
-from typer.testing import CliRunner
-
-from edgekt.cli.app import app
 
 device_models = _devices_support.device_models  # the session fixture
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"

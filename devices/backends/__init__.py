@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 from edgekt.devices.backends.base import Backend, MissingRuntimeError, TensorInfo
-
 from edgekt.errors import EdgektError
 from edgekt.registry import Registry
 

@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from edgekt.devices.backends.base import Backend, TensorInfo, import_runtime
 
+from edgekt.devices.backends.base import Backend, TensorInfo, import_runtime
 from edgekt.errors import EdgektError
 
 _DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",

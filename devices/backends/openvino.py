@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from edgekt.devices.backends.base import Backend, TensorInfo, import_runtime
 
+from edgekt.devices.backends.base import Backend, TensorInfo, import_runtime
 from edgekt.errors import EdgektError
 
 
