@@ -23,6 +23,7 @@ from edgekt.data import DatasetInfo, Splits, TensorSplit
 from edgekt.engine.tasks import StepOutput, Task
 from edgekt.fewshot.episodes import Episode, EpisodeSampler, EpisodeSpec, normalise
 from edgekt.fewshot.evaluate import FewShotResult, mean_ci95, run_episodes
+from edgekt.methods.multitask import _refuse_ddp as refuse_ddp
 
 TorchClassifier = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
 """(support embeddings, support labels, query embeddings, n_way) -> (Q, n_way) scores."""
@@ -125,6 +126,7 @@ class EpisodicTask(Task):
     def __init__(self, cfg: Config, model: nn.Module, splits: Splits, device: torch.device,
                  args: EpisodeArgs) -> None:
         super().__init__(cfg, model, splits, device)
+        refuse_ddp(cfg.method)
         self.args, self.device = args, device
         self.spec = EpisodeSpec(args.n_way, args.k_shot, args.n_query)
         self.split, self.info = splits.train, splits.info
