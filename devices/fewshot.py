@@ -182,8 +182,9 @@ class PrototypeClassifier:
     Args:
         embedder: anything with ``embed(raw) -> (N, D)``.
         state_path: the state file; loaded if it exists, written after every change.
-        metric, transform, center, scale, threshold: settings for a *new* state (a loaded
-            state keeps its own; pass ``recalibrate`` via ``calibrate_threshold`` to change).
+        metric, transform, center, scale, threshold: settings for a *new* state; a loaded
+            state keeps its own (change the threshold with ``calibrate_threshold`` or
+            ``set_threshold``).
         recover: accept the previous generation when the state file is damaged.
     """
 

@@ -10,6 +10,7 @@ Recipes, all on the same backbone (cnn_s) and trained through edgekt's one fit()
   protonet    edgekt's recipe: all 6 base classes per episode, 15 queries, lr 3e-3 with a cosine
               schedule, plus a base-class cross-entropy on the episode images (ce_weight 0.5),
               same 500 episodes
+  protonet+aug  the same with random crop + flip augmentation of the episode images
   simpleshot  supervised cross-entropy on the base classes, embedding with centring + L2
 Evaluation: 600 random episodes per row, mean ± 95% CI, fixed seed (identical episodes across
 recipes). The protonet recipe is then packaged (embedding export + base-class calibration) and
@@ -48,6 +49,9 @@ def recipes(quick: bool) -> dict[str, list[str]]:
         "protonet": ["method=protonet", "method_args.n_way=6", "method_args.k_shot=5",
                      "method_args.n_query=15", "method_args.ce_weight=0.5", "optim.lr=0.003",
                      "sched.name=cosine", *ep],
+        "protonet+aug": ["method=protonet", "method_args.n_way=6", "method_args.k_shot=5",
+                         "method_args.n_query=15", "method_args.ce_weight=0.5", "optim.lr=0.003",
+                         "sched.name=cosine", "data.augment=true", *ep],
         "simpleshot": ["method=supervised", "optim.lr=0.003", "train.epochs=1",
                        *(["data.limit=3000"] if quick else [])],
     }
