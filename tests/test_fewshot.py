@@ -18,7 +18,7 @@ from edgekt.fewshot.evaluate import (
     raw_images,
     run_episodes,
 )
-from edgekt.fewshot.protonet import pairwise_logits, prototypical_loss
+from edgekt.fewshot.losses import pairwise_logits, prototypical_loss
 
 torch.set_num_threads(1)
 

@@ -20,13 +20,6 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-# isort: off
-# The maths first: edgekt.engine imports every method module, and some import these names from
-# this module, which must already hold them when the engine import below triggers theirs.
-from edgekt.fewshot.losses import Metric, prototypical_loss
-from edgekt.fewshot.losses import pairwise_logits as pairwise_logits  # re-exported
-from edgekt.fewshot.losses import prototypes_of as prototypes_of  # re-exported
-# isort: on
 from edgekt.config import Config, Strict, validate
 from edgekt.data import Splits
 from edgekt.data.base import random_crop_flip
@@ -39,6 +32,7 @@ from edgekt.fewshot.evaluate import (
     raw_images,
     run_episodes,
 )
+from edgekt.fewshot.losses import Metric, prototypical_loss
 
 
 class ProtoNetArgs(Strict):

@@ -21,7 +21,7 @@ from torch import nn
 from edgekt.config import Config, validate
 from edgekt.data import Splits
 from edgekt.engine.tasks import METHODS
-from edgekt.fewshot.protonet import prototypes_of
+from edgekt.fewshot.losses import prototypes_of
 from edgekt.methods.episodic import EpisodeArgs, EpisodicTask
 
 
