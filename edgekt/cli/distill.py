@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
-import typer
 from rich.console import Console
 from rich.table import Table
 
 from edgekt.cli.options import (
+    CheckpointEveryOpt,
     ConfigArg,
     DataDirOpt,
     DeviceOpt,
@@ -32,9 +30,7 @@ def distill(
     limit: LimitOpt = None,
     device: DeviceOpt = None,
     run_dir: RunDirOpt = None,
-    checkpoint_every: Annotated[
-        int, typer.Option(help="Also checkpoint every N optimiser steps (0: per epoch).")
-    ] = 0,
+    checkpoint_every: CheckpointEveryOpt = 0,
 ) -> None:
     """Distil a teacher into a student (``method: distill``; see configs/distill_*.yaml).
 

@@ -24,6 +24,9 @@ DataDirOpt = Annotated[
 LimitOpt = Annotated[int | None, typer.Option(help="Use at most N training samples.")]
 DeviceOpt = Annotated[str | None, typer.Option(help="Torch device: auto, cpu, cuda, cuda:1, mps.")]
 RunDirOpt = Annotated[str | None, typer.Option("--run-dir", help="Run directory (run.dir).")]
+CheckpointEveryOpt = Annotated[
+    int, typer.Option(help="Also checkpoint every N optimiser steps (0: per epoch).")
+]
 
 
 def cli_overrides(

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from edgekt.cli.options import (
+    CheckpointEveryOpt,
     DataDirOpt,
     DeviceOpt,
     ForceOpt,
@@ -34,9 +35,7 @@ def train(
     limit: LimitOpt = None,
     device: DeviceOpt = None,
     run_dir: RunDirOpt = None,
-    checkpoint_every: Annotated[
-        int, typer.Option(help="Also checkpoint every N optimiser steps (0: per epoch).")
-    ] = 0,
+    checkpoint_every: CheckpointEveryOpt = 0,
 ) -> None:
     """Train or fine-tune a model (any method) from a YAML config."""
     from edgekt.config import load_config
