@@ -72,10 +72,21 @@ def timed_fit(cfg: Config, splits: Splits) -> dict[str, Any]:
 
 
 def accuracy_table(args, splits: Splits, work: Path) -> dict[str, Any]:
-    teacher_run = work / "teacher"
-    console.print(f"[bold]teacher[/] {args.teacher} x {args.teacher_epochs} epochs")
-    tm = timed_fit(make_cfg(teacher_run, args.teacher, {}, args.teacher_epochs, 0, args), splits)
-    teacher_ckpt = str(teacher_run / "best.pt")
+    if args.teacher_checkpoint:  # a teacher trained elsewhere (e.g. teacher_fashion.yaml)
+        teacher_ckpt = args.teacher_checkpoint
+        ck = load_checkpoint(teacher_ckpt)
+        tm = {"params": sum(v.numel() for k, v in ck["model"]["state_dict"].items()
+                            if not k.endswith(("running_mean", "running_var",
+                                               "num_batches_tracked"))),
+              "test_acc": ck["metrics"].get("test_acc"), "cpu_s": None}
+        args.teacher = ck["model"]["name"]
+        console.print(f"[bold]teacher[/] {teacher_ckpt} ({args.teacher})")
+    else:
+        teacher_run = work / "teacher"
+        console.print(f"[bold]teacher[/] {args.teacher} x {args.teacher_epochs} epochs")
+        tm = timed_fit(make_cfg(teacher_run, args.teacher, {}, args.teacher_epochs, 0, args),
+                       splits)
+        teacher_ckpt = str(teacher_run / "best.pt")
     rows: dict[str, list[dict]] = {"scratch": []}
     for seed in range(args.seeds):
         console.print(f"[bold]scratch student[/] seed {seed}")
@@ -83,6 +94,8 @@ def accuracy_table(args, splits: Splits, work: Path) -> dict[str, Any]:
                                                   args.student_kwargs, args.epochs, seed, args),
                                          splits))
         for name in args.methods:
+            if seed > 0 and name in args.single_seed_methods:
+                continue
             console.print(f"[bold]{name}[/] seed {seed}")
             margs = {"teacher": {"checkpoint": teacher_ckpt}, "losses": METHODS[name],
                      "cache_dir": str(work / "cache")}
@@ -217,7 +230,7 @@ def print_tables(res: dict[str, Any]) -> None:
                 "CPU s/run"):
         tab.add_column(col, justify="right" if col != "model" else "left")
     tab.add_row(f"teacher {t['model']}", f"{t['params']:,}", "100%", f"{t['test_acc']:.4f}", "",
-                f"{t['cpu_s']:.0f}")
+                "trained elsewhere" if t["cpu_s"] is None else f"{t['cpu_s']:.0f}")
     scratch = acc["students"]["scratch"]["mean"]
     for name, s in acc["students"].items():
         tab.add_row(name, f"{s['params']:,}", f"{s['params'] / t['params']:.1%}",
@@ -244,6 +257,9 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="2,000 images, 1 seed, 1 epoch")
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--teacher-checkpoint", help="use this trained teacher instead of training one")
+    p.add_argument("--single-seed-methods", nargs="*", default=[],
+                   help="methods run with seed 0 only (CPU budget); the others get --seeds")
     p.add_argument("--limit", type=int, default=None, help="training images (default: all)")
     p.add_argument("--teacher", default="cnn_l")
     p.add_argument("--teacher-epochs", type=int, default=10)
