@@ -97,7 +97,9 @@ def accuracy_table(args, splits: Splits, work: Path) -> dict[str, Any]:
             if seed > 0 and name in args.single_seed_methods:
                 continue
             console.print(f"[bold]{name}[/] seed {seed}")
-            margs = {"teacher": {"checkpoint": teacher_ckpt}, "losses": METHODS[name],
+            losses = [{**t, "teacher": args.tap_map.get(t["teacher"], t["teacher"])}
+                      if "teacher" in t else t for t in METHODS[name]]
+            margs = {"teacher": {"checkpoint": teacher_ckpt}, "losses": losses,
                      "cache_dir": str(work / "cache")}
             cfg = make_cfg(work / f"{name}{seed}", args.student, args.student_kwargs, args.epochs,
                            seed, args, margs)
@@ -257,7 +259,11 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="2,000 images, 1 seed, 1 epoch")
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--work", help="keep runs (student checkpoints) here instead of a temp dir")
     p.add_argument("--teacher-checkpoint", help="use this trained teacher instead of training one")
+    p.add_argument("--tap-map", default="",
+                   help="teacher tap renames for feature losses, e.g. "
+                        "stage2=backbone.layer1,stage3=backbone.layer2 for a ResNet teacher")
     p.add_argument("--single-seed-methods", nargs="*", default=[],
                    help="methods run with seed 0 only (CPU budget); the others get --seeds")
     p.add_argument("--limit", type=int, default=None, help="training images (default: all)")
@@ -276,11 +282,12 @@ def main() -> None:
         args.epochs, args.seeds, args.teacher_epochs, args.repeats = 1, 1, 2, 1
         args.limit = args.limit or 2000
     args.student_kwargs = {"width_mult": args.student_width}
+    args.tap_map = dict(kv.split("=", 1) for kv in args.tap_map.split(",") if kv)
     torch.set_num_threads(args.threads)
     load0 = os.getloadavg()[0]
     splits = build_splits(DataConfig(name="fashion-mnist", limit=args.limit))
     with tempfile.TemporaryDirectory(prefix="bench_distill_") as tmp:
-        work = Path(tmp)
+        work = Path(args.work) if args.work else Path(tmp)  # --work keeps the checkpoints
         res = {"accuracy": accuracy_table(args, splits, work),
                "throughput": throughput(args, splits, work)}
     res["settings"] = {k: v for k, v in vars(args).items()}
