@@ -170,7 +170,9 @@ def main() -> None:
     seconds = 2.0 if args.quick else 10.0
     rounds = 1 if args.quick else 3
     work = Path(tempfile.mkdtemp(prefix="bench_profile_"))
-    models = ({p.stem: p for p in args.models} if args.models else export_models(work))
+    # Packages all name their file model.onnx: label a model by its folder too.
+    models = ({f"{p.parent.name}/{p.stem}": p for p in args.models} if args.models
+              else export_models(work))
     results: dict = {"threads": args.threads, "quick": args.quick, "seconds": seconds,
                      "rounds": rounds,
                      "loadavg": os.getloadavg(), "latency": {}}
