@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import numpy as np
+
 from edgekt.devices.drift import DriftDetector, create_detector
 from edgekt.devices.replay import ReplayBuffer
 from edgekt.devices.state import State, load_state, save_state
-
 from edgekt.errors import EdgektError
 
 log = logging.getLogger(__name__)

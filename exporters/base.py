@@ -23,6 +23,7 @@ from edgekt.registry import Registry, unknown_name_message
 
 if TYPE_CHECKING:
     import torch
+
     from edgekt.exporters.calib import EvalData
 
 PRECISIONS = ("fp32", "fp16", "int8")

@@ -11,6 +11,8 @@ from typing import Any
 import numpy as np
 import onnx
 import torch
+
+from edgekt.errors import EdgektError
 from edgekt.exporters.base import (
     EXPORTERS,
     Artifact,
@@ -20,8 +22,6 @@ from edgekt.exporters.base import (
     meta_for,
     run_batched,
 )
-
-from edgekt.errors import EdgektError
 from edgekt.io import atomic_write
 from edgekt.metadata import METADATA_KEY, ModelMeta
 

@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 import openvino as ov
+
+from edgekt.errors import EdgektError
 from edgekt.exporters.base import (
     EXPORTERS,
     Artifact,
@@ -21,8 +23,6 @@ from edgekt.exporters.base import (
     run_batched,
     static_batch,
 )
-
-from edgekt.errors import EdgektError
 from edgekt.metadata import METADATA_KEY, ModelMeta
 
 # The CPU plugin runs FP32 IRs in bf16 on CPUs that support it (it does on AVX512-BF16/AMX

@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
-from edgekt.exporters.base import ExportContext, meta_for, static_batch
 from onnxruntime.quantization import CalibrationDataReader
 
 from edgekt.errors import EdgektError
+from edgekt.exporters.base import ExportContext, meta_for, static_batch
 
 if TYPE_CHECKING:
     from edgekt.exporters.onnx_export import OnnxExporter
@@ -29,8 +29,9 @@ WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 def quantize_onnx(ctx: ExportContext, out: Path, exporter: OnnxExporter) -> dict[str, Any]:
     """Write ``out`` (INT8 QDQ ONNX) and return what the manifest records about it."""
-    from edgekt.exporters.onnx_export import save_onnx, set_metadata
     from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from edgekt.exporters.onnx_export import save_onnx, set_metadata
 
     opts = ctx.options
     pre = ctx.scratch / "model.pre.onnx"

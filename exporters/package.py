@@ -26,6 +26,10 @@ from typing import Any
 
 import numpy as np
 import yaml
+
+import edgekt
+from edgekt.data import Splits
+from edgekt.errors import EdgektError
 from edgekt.exporters.base import (
     CALIB_METHODS,
     PRECISIONS,
@@ -35,10 +39,6 @@ from edgekt.exporters.base import (
 )
 from edgekt.exporters.manifest import FORMAT, Manifest
 from edgekt.exporters.parity import ParityError, apply_gate, measure, reference
-
-import edgekt
-from edgekt.data import Splits
-from edgekt.errors import EdgektError
 from edgekt.io import atomic_write, atomic_write_text
 
 PARTS = ("classifier", "embedding")
@@ -84,11 +84,10 @@ def export_package(
     Returns:
         The manifest written to ``out_dir/manifest.json``.
     """
-    from edgekt.exporters.calib import build_eval_data
-    from edgekt.exporters.meta import build_meta
-
     from edgekt.engine.checkpoint import file_sha256, load_checkpoint
     from edgekt.engine.setup import model_from_checkpoint
+    from edgekt.exporters.calib import build_eval_data
+    from edgekt.exporters.meta import build_meta
     from edgekt.models import Embedding
 
     say = log or (lambda _msg: None)

@@ -5,11 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from edgekt.exporters.base import Runner
-from edgekt.exporters.calib import EvalData
 from rich.table import Table
 
 from edgekt.errors import EdgektError
+from edgekt.exporters.base import Runner
+from edgekt.exporters.calib import EvalData
 
 
 class ParityError(EdgektError):

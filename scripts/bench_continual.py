@@ -36,13 +36,13 @@ def main() -> None:
     args = ap.parse_args()
 
     import torch
-    from edgekt.devices.continual import LearnerConfig
     from rich.console import Console
     from rich.table import Table
 
     from edgekt.cli.continual import print_report
     from edgekt.continual.crash import kill_trials
     from edgekt.continual.simulate import pretrain_backbone, simulate
+    from edgekt.devices.continual import LearnerConfig
     from edgekt.io import atomic_write_text
 
     torch.set_num_threads(2)

@@ -7,10 +7,10 @@ import sys
 
 import numpy as np
 import pytest
+
 from edgekt.devices.continual import ContinualLearner, LearnerConfig, ObserveResult
 from edgekt.devices.replay import ReplayBuffer, item_bytes
 from edgekt.devices.state import StateCorruptError
-
 from edgekt.errors import EdgektError
 
 D_IN, N_CLASSES = 20, 6

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import os
 
-from edgekt.devices.state import load_state
-
 from edgekt.continual.crash import kill_trials
+from edgekt.devices.state import load_state
 
 TRIALS = int(os.environ.get("EDGEKT_KILL_TRIALS", "40"))
 

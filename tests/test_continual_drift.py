@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from edgekt.devices.continual import ContinualLearner, LearnerConfig
-from edgekt.devices.drift import ADWIN, PageHinkley, create_detector
 from river import drift as river_drift
 
+from edgekt.devices.continual import ContinualLearner, LearnerConfig
+from edgekt.devices.drift import ADWIN, PageHinkley, create_detector
 from edgekt.errors import EdgektError
 
 

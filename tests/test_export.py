@@ -10,10 +10,10 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from edgekt.exporters import Manifest, export_package
-from edgekt.exporters.base import get_exporter
 
 from edgekt.engine.checkpoint import file_sha256
+from edgekt.exporters import Manifest, export_package
+from edgekt.exporters.base import get_exporter
 from edgekt.metadata import ModelMeta
 
 N_VAL, N_TEST = 300, 500
@@ -85,10 +85,9 @@ class TestOnnxExporter(ExporterContract):
     def test_plain_onnxruntime_reproduces_edgekt_from_raw_images(self, package, fashion_splits,
                                                                  tmp_path, tiny_checkpoint):
         """An app with only onnxruntime + numpy (no edgekt, no torch) gets the same answers."""
-        from edgekt.exporters.calib import normalised, torch_outputs
-
         from edgekt.engine.checkpoint import load_checkpoint
         from edgekt.engine.setup import model_from_checkpoint
+        from edgekt.exporters.calib import normalised, torch_outputs
 
         split = fashion_splits.test.subset(torch.arange(200))
         raw = split.images[:, 0].numpy()  # uint8 HW images, as a camera/app would hand them over

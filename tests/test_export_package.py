@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from edgekt.exporters import Manifest, export_package
-from edgekt.exporters.onnx_export import OrtRunner, locate_export_failure
-from edgekt.exporters.parity import ParityError
 from typer.testing import CliRunner
 
 from edgekt.engine.checkpoint import load_checkpoint, save_checkpoint
 from edgekt.errors import EdgektError
+from edgekt.exporters import Manifest, export_package
+from edgekt.exporters.onnx_export import OrtRunner, locate_export_failure
+from edgekt.exporters.parity import ParityError
 from tests._export_support import outlier_checkpoint
 
 FAST = {"val_samples": 300, "test_samples": 300, "calib_samples": 100, "threads": 1}
@@ -33,9 +33,8 @@ def _no_leftovers(out):
 
 
 def test_embedding_export_plus_head_reproduces_logits(tiny_checkpoint, fashion_splits, tmp_path):
-    from edgekt.exporters.calib import normalised, torch_outputs
-
     from edgekt.engine.setup import model_from_checkpoint
+    from edgekt.exporters.calib import normalised, torch_outputs
 
     out = tmp_path / "emb"
     m = export_package(tiny_checkpoint, out, part="embedding", splits=fashion_splits, **FAST)
