@@ -47,15 +47,19 @@ class Backend(ABC):
     def version() -> str:
         """Version of the runtime library (imports it)."""
 
-    @property
-    @abstractmethod
-    def input(self) -> TensorInfo:
-        """The model's (single) input."""
+    _input: TensorInfo
+    _outputs: list[str]
+    """Set by each backend's constructor from the opened model."""
 
     @property
-    @abstractmethod
+    def input(self) -> TensorInfo:
+        """The model's (single) input."""
+        return self._input
+
+    @property
     def output_names(self) -> list[str]:
         """Names of the outputs, in order."""
+        return list(self._outputs)
 
     @abstractmethod
     def metadata(self) -> str | None:

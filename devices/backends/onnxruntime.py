@@ -60,14 +60,6 @@ class OnnxRuntimeBackend(Backend):
     def version() -> str:
         return str(_ort().__version__)
 
-    @property
-    def input(self) -> TensorInfo:
-        return self._input
-
-    @property
-    def output_names(self) -> list[str]:
-        return list(self._outputs)
-
     def metadata(self) -> str | None:
         return self.session.get_modelmeta().custom_metadata_map.get("edgekt")
 

@@ -75,14 +75,6 @@ class OpenVinoBackend(Backend):
     def version() -> str:
         return str(_ov().get_version())
 
-    @property
-    def input(self) -> TensorInfo:
-        return self._input
-
-    @property
-    def output_names(self) -> list[str]:
-        return list(self._outputs)
-
     def metadata(self) -> str | None:
         # IR written by edgekt: rt_info["edgekt"]; ONNX read directly: its metadata_props land
         # under rt_info["framework"].
