@@ -34,10 +34,10 @@ from rich.table import Table
 
 from edgekt.config import DataConfig, load_config
 from edgekt.data import Splits, build_splits, make_loader
-from edgekt.engine.fit import Trainer
+from edgekt.engine.fit import Trainer, evaluate
 from edgekt.fewshot.episodes import EpisodeSpec
 from edgekt.fewshot.evaluate import run_episodes
-from edgekt.methods.dann import accuracy, target_splits
+from edgekt.methods.dann import target_splits
 from edgekt.methods.episodic import embed_split
 from edgekt.methods.multitask import PRESETS, task_splits
 from edgekt.models import count_params, create_model
@@ -158,7 +158,7 @@ def multitask(root: Path, quick: bool, threads: int) -> dict[str, Any]:
 
 def _test_acc(tr: Trainer, splits: Splits) -> float:
     loader = make_loader(splits.test, splits.info, tr.cfg.data, train=False)
-    return accuracy(tr.model, loader, tr.rt.device)
+    return evaluate(tr.model, loader, tr.rt)["acc"]
 
 
 # -------------------------------------------------------------------------------------- DANN
@@ -188,16 +188,16 @@ def dann(root: Path, quick: bool, threads: int, seeds: list[int]) -> dict[str, A
         so, cpu = train(root, f"dann_src_{seed}", [*common, f"train.seed={seed}"], src)
         tl = make_loader(tgt.test, tinfo, so.cfg.data, train=False)
         rows["source-only"].append({"source_acc": _test_acc(so, src),
-                                    "target_acc": accuracy(so.model, tl, so.rt.device),
+                                    "target_acc": evaluate(so.model, tl, so.rt)["acc"],
                                     "train_cpu_s": cpu})
         ada = adabn(so.model, make_loader(tgt.train, tinfo, so.cfg.data, train=True))
         rows["source-only + AdaBN"].append({"source_acc": float("nan"),
-                                            "target_acc": accuracy(ada, tl, so.rt.device),
+                                            "target_acc": evaluate(ada, tl, so.rt)["acc"],
                                             "train_cpu_s": cpu})
         da, cpu = train(root, f"dann_{seed}", [*common, f"train.seed={seed}", "method=dann"],
                         src)
         rows["DANN"].append({"source_acc": _test_acc(da, src),
-                             "target_acc": accuracy(da.model, tl, da.rt.device),
+                             "target_acc": evaluate(da.model, tl, da.rt)["acc"],
                              "train_cpu_s": cpu})
     return {"model": model, "epochs": epochs, "seeds": seeds, "rows": rows}
 

@@ -23,7 +23,9 @@ from pydantic import Field
 from torch import nn
 
 from edgekt.config import Config, DataConfig, Strict, validate
-from edgekt.data import BatchLoader, DatasetInfo, Splits, TensorSplit, build_splits, make_loader
+from edgekt.data import DatasetInfo, Splits, TensorSplit, build_splits, make_loader
+from edgekt.engine.fit import evaluate
+from edgekt.engine.runtime import Runtime
 from edgekt.engine.tasks import METHODS, StepOutput, Task
 from edgekt.errors import EdgektError
 from edgekt.methods.multitask import _refuse_ddp, _unwrap
@@ -98,19 +100,6 @@ def target_splits(target: DataConfig, source: DatasetInfo, source_name: str = "d
     return splits, replace(t, mean=list(source.mean), std=list(source.std))
 
 
-@torch.no_grad()
-def accuracy(model: nn.Module, loader: BatchLoader, device: torch.device) -> float:
-    """Top-1 accuracy of ``model(x)`` over a loader (eval mode, restored afterwards)."""
-    was = model.training
-    model.eval()
-    correct = seen = 0
-    for x, y in loader:
-        correct += int((model(x.to(device)).argmax(1) == y.to(device)).sum())
-        seen += len(y)
-    model.train(was)
-    return correct / max(seen, 1)
-
-
 @METHODS.register("dann")
 class DannTask(Task):
     """Source cross-entropy + domain classification through a gradient reversal layer."""
@@ -169,7 +158,7 @@ class DannTask(Task):
     def extra_metrics(self, model: nn.Module, split: str) -> dict[str, float]:
         part: TensorSplit = getattr(self.target, split)
         loader = make_loader(part, self.target_info, self.cfg.data, train=False)
-        return {"target_acc": accuracy(_unwrap(model), loader, self.device)}
+        return {"target_acc": evaluate(_unwrap(model), loader, Runtime(self.device, None))["acc"]}
 
     def export_metadata(self) -> dict[str, Any]:
         return {"method": "dann", "target": self.args.target.name,
