@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from edgekt.errors import EdgektError
 
@@ -29,6 +29,11 @@ class DataConfig(Strict):
     """Use at most this many training samples (quick runs)."""
     augment: bool = False
     """Random crop + flip on the training split."""
+    erasing: float = Field(0.0, ge=0.0, le=1.0)
+    """Random erasing probability per training image (Zhong et al. 2020); needs ``augment``."""
+    label_fraction: float = Field(1.0, gt=0.0, le=1.0)
+    """Keep a seeded fraction of the training labels (the rest of the training split is dropped;
+    a distillation ``transfer`` set can still use those images without their labels)."""
     classes: list[int] | None = None
     """Keep only these class indices (relabelled 0..n-1), e.g. few-shot base classes."""
     batch_size: int = Field(128, gt=0)
@@ -36,6 +41,13 @@ class DataConfig(Strict):
     num_workers: int = Field(0, ge=0)
     image_size: int | None = Field(None, gt=0)
     """Resize images to this side length (default: the dataset's native size)."""
+
+    @model_validator(mode="after")
+    def _erasing_needs_augment(self) -> DataConfig:
+        if self.erasing and not self.augment:
+            raise ValueError("data.erasing needs data.augment: true (erasing is applied to the "
+                             "augmented training batches)")
+        return self
 
 
 class ModelConfig(Strict):
@@ -86,6 +98,9 @@ class TrainConfig(Strict):
     grad_accum: int = Field(1, gt=0)
     clip_grad: float | None = Field(None, gt=0)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
+    ema: float | None = Field(None, gt=0, lt=1)
+    """Keep an exponential moving average of the weights with this decay per step (e.g. 0.999);
+    validation, ``best.pt``, the test score and exports then use the averaged weights."""
     seed: int = 0
     deterministic: bool = False
     threads: int | None = Field(None, gt=0)
@@ -113,6 +128,12 @@ class Config(Strict):
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     run: RunConfig = Field(default_factory=RunConfig)
+    _source: str = PrivateAttr(default="defaults")
+
+    @property
+    def source(self) -> str:
+        """Where the config came from (its YAML file, or ``defaults``), for error messages."""
+        return self._source
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -150,6 +171,7 @@ def format_validation_error(model: type[BaseModel], exc: ValidationError, source
             hint = f"; did you mean {close[0]!r}?" if close else ""
             lines.append(f"  unknown key {loc!r}{hint} (valid here: {', '.join(valid)})")
         else:
+            loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-"))
             lines.append(f"  {loc}: {err['msg']} (got {err.get('input')!r})")
     return "\n".join(lines)
 
@@ -180,7 +202,9 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not isinstance(raw, dict):
             raise EdgektError(f"{p}: expected a mapping at the top level")
     apply_overrides(raw, overrides or [])
-    return validate(Config, raw, source)
+    cfg: Config = validate(Config, raw, source)
+    cfg._source = source
+    return cfg
 
 
 def dump_config(cfg: BaseModel, path: str | Path) -> None:

@@ -1,13 +1,17 @@
 """Distillation benchmark on real Fashion-MNIST.
 
-1. Accuracy: a teacher, a student from scratch and a student per KD method, same epochs and
-   seeds; test accuracy mean +- std, parameters, CPU time.
-2. Throughput of one distillation epoch (Hinton KD): ``edgekt`` (the engine's ``fit`` loop)
+1. Accuracy: a teacher (or an ensemble), a student from scratch and a student per KD method,
+   same epochs, seeds and augmentation; test accuracy mean +- std and the gain over the scratch
+   run of the same seed (mean +- std), parameters, CPU time.
+2. Transfer: a fraction of the labels; scratch on those vs KD that also learns from the teacher
+   on the whole training split with its labels ignored (same optimiser steps).
+3. Throughput of one distillation epoch (Hinton KD): ``edgekt`` (the engine's ``fit`` loop)
    vs a minimal hand-written KD loop on the same models and batches, with vs without the
    teacher-output cache, and vs torchdistill's DistillationBox when torchdistill is installed.
 
     python scripts/bench_distill.py --quick            # about 5-10 min on 2 CPU cores
-    python scripts/bench_distill.py --out bench.json   # the full table (hours on a CPU)
+    python scripts/bench_distill.py --teacher-checkpoint runs/teacher_fashion/best.pt \
+        --epochs 20 --out bench.json                   # the README's tables (hours on a CPU)
 """
 
 from __future__ import annotations
@@ -29,9 +33,11 @@ from rich.table import Table
 
 from edgekt.config import Config, DataConfig, load_config
 from edgekt.data import Splits, build_splits, make_loader
+from edgekt.distill.losses import KD_LOSSES
 from edgekt.engine import Trainer, fit
 from edgekt.engine.checkpoint import load_checkpoint
 from edgekt.engine.setup import build_model, model_from_checkpoint
+from edgekt.models import count_params
 
 console = Console(width=max(Console().width, 120))  # keep table rows on one line in logs
 
@@ -54,11 +60,15 @@ METHODS: dict[str, list[dict[str, Any]]] = {
 
 def make_cfg(run: Path, model: str, kwargs: dict, epochs: int, seed: int, args,
              method_args: dict | None = None) -> Config:
+    """One run of the benchmark: scratch and KD students share everything but the method."""
     cfg = load_config(None, [f"run.dir={run}", f"model.name={model}", f"train.epochs={epochs}",
                              f"train.seed={seed}", "train.progress=false",
-                             f"train.threads={args.threads}", "optim.lr=0.003",
-                             "optim.weight_decay=0.0005", "sched.name=cosine",
-                             "sched.warmup_epochs=0.2", f"data.batch_size={args.batch_size}"])
+                             f"train.threads={args.threads}", f"optim.name={args.optim}",
+                             f"optim.lr={args.lr}", f"optim.weight_decay={args.weight_decay}",
+                             "sched.name=cosine", "sched.warmup_epochs=0.2",
+                             f"data.batch_size={args.batch_size}",
+                             f"data.augment={str(args.augment).lower()}",
+                             f"data.erasing={args.erasing if args.augment else 0.0}"])
     cfg.model.kwargs = dict(kwargs)
     if method_args is not None:
         cfg.method, cfg.method_args = "distill", method_args
@@ -71,22 +81,56 @@ def timed_fit(cfg: Config, splits: Splits) -> dict[str, Any]:
     return {**metrics, "cpu_s": time.process_time() - c0, "wall_s": time.perf_counter() - w0}
 
 
+def teacher_spec(args, work: Path, splits: Splits) -> tuple[Any, dict[str, Any]]:
+    """The teacher (a checkpoint, an ensemble of checkpoints, or one trained here) and its row."""
+    if args.teacher_checkpoint:  # trained elsewhere (e.g. edgekt/configs/teacher_fashion.yaml)
+        cks = [load_checkpoint(p) for p in args.teacher_checkpoint]
+        params = sum(count_params(model_from_checkpoint(ck)[0]) for ck in cks)
+        spec = [{"checkpoint": p} for p in args.teacher_checkpoint]
+        names = [ck["model"]["name"] for ck in cks]
+        acc = [ensemble_test_acc([p], splits) for p in args.teacher_checkpoint]
+        if len(cks) > 1:
+            acc.append(ensemble_test_acc(args.teacher_checkpoint, splits))
+        console.print(f"[bold]teacher[/] {', '.join(args.teacher_checkpoint)} (test acc {acc})")
+        return (spec if len(spec) > 1 else spec[0]), {
+            "model": "+".join(names), "params": params, "test_acc": acc[-1],
+            "member_test_acc": acc[:len(cks)], "cpu_s": None,
+            "checkpoint": args.teacher_checkpoint}
+    teacher_run = work / "teacher"
+    console.print(f"[bold]teacher[/] {args.teacher} x {args.teacher_epochs} epochs")
+    tm = timed_fit(make_cfg(teacher_run, args.teacher, {}, args.teacher_epochs, 0, args), splits)
+    ckpt = str(teacher_run / "best.pt")
+    args.teacher_checkpoint = [ckpt]  # later sections reuse this teacher
+    return {"checkpoint": ckpt}, {"model": args.teacher, "params": tm["params"],
+                                  "test_acc": tm["test_acc"], "cpu_s": tm["cpu_s"],
+                                  "checkpoint": ckpt}
+
+
+def ensemble_test_acc(paths: list[str], splits: Splits) -> float:
+    """Test accuracy of the averaged logits of several checkpoints."""
+    from edgekt.distill.teacher import TeacherConfig, load_teachers
+
+    ens = load_teachers([TeacherConfig(checkpoint=p) for p in paths], splits.info).model
+    loader = make_loader(splits.test, splits.info, DataConfig(), train=False)
+    correct = 0
+    with torch.inference_mode():
+        for x, y in loader:
+            correct += int((ens(x).argmax(1) == y).sum())
+    return correct / len(splits.test)
+
+
+def kd_args(name: str, teacher: Any, args, work: Path) -> dict[str, Any]:
+    losses = [{**t, "teacher": args.tap_map.get(t["teacher"], t["teacher"])}
+              if "teacher" in t else t for t in METHODS[name]]
+    margs = {"teacher": teacher, "losses": losses, "cache_dir": str(work / "cache"),
+             "ce_weight": args.ce_weight}
+    if args.mix != "none" and not KD_LOSSES.get(METHODS[name][0]["name"]).targets:
+        margs.update(mix=args.mix, mix_alpha=args.mix_alpha)
+    return margs
+
+
 def accuracy_table(args, splits: Splits, work: Path) -> dict[str, Any]:
-    if args.teacher_checkpoint:  # a teacher trained elsewhere (e.g. teacher_fashion.yaml)
-        teacher_ckpt = args.teacher_checkpoint
-        ck = load_checkpoint(teacher_ckpt)
-        tm = {"params": sum(v.numel() for k, v in ck["model"]["state_dict"].items()
-                            if not k.endswith(("running_mean", "running_var",
-                                               "num_batches_tracked"))),
-              "test_acc": ck["metrics"].get("test_acc"), "cpu_s": None}
-        args.teacher = ck["model"]["name"]
-        console.print(f"[bold]teacher[/] {teacher_ckpt} ({args.teacher})")
-    else:
-        teacher_run = work / "teacher"
-        console.print(f"[bold]teacher[/] {args.teacher} x {args.teacher_epochs} epochs")
-        tm = timed_fit(make_cfg(teacher_run, args.teacher, {}, args.teacher_epochs, 0, args),
-                       splits)
-        teacher_ckpt = str(teacher_run / "best.pt")
+    teacher, trow = teacher_spec(args, work, splits)
     rows: dict[str, list[dict]] = {"scratch": []}
     for seed in range(args.seeds):
         console.print(f"[bold]scratch student[/] seed {seed}")
@@ -97,22 +141,51 @@ def accuracy_table(args, splits: Splits, work: Path) -> dict[str, Any]:
             if seed > 0 and name in args.single_seed_methods:
                 continue
             console.print(f"[bold]{name}[/] seed {seed}")
-            losses = [{**t, "teacher": args.tap_map.get(t["teacher"], t["teacher"])}
-                      if "teacher" in t else t for t in METHODS[name]]
-            margs = {"teacher": {"checkpoint": teacher_ckpt}, "losses": losses,
-                     "cache_dir": str(work / "cache")}
             cfg = make_cfg(work / f"{name}{seed}", args.student, args.student_kwargs, args.epochs,
-                           seed, args, margs)
+                           seed, args, kd_args(name, teacher, args, work))
             rows.setdefault(name, []).append(timed_fit(cfg, splits))
-    return {"teacher": {"model": args.teacher, "params": tm["params"], "test_acc": tm["test_acc"],
-                        "cpu_s": tm["cpu_s"], "checkpoint": teacher_ckpt},
-            "students": {k: summarise(v) for k, v in rows.items()}}
+    return {"teacher": trow, "students": {k: summarise(v, rows["scratch"])
+                                          for k, v in rows.items()}}
 
 
-def summarise(runs: list[dict]) -> dict[str, Any]:
+def transfer_table(args, splits: Splits, work: Path) -> dict[str, Any]:
+    """Few labels, many unlabelled images: scratch on the labelled fraction vs KD that also
+    learns from the teacher on the whole training split with its labels ignored."""
+    few = build_splits(DataConfig(name="fashion-mnist", limit=args.limit,
+                                  label_fraction=args.label_fraction))
+    teacher, trow = teacher_spec(args, work, splits)  # trained on all labels
+    n_all = len(splits.train)
+    # Same optimiser steps for both: one KD epoch is one pass over the transfer set.
+    scratch_epochs = args.transfer_epochs * -(-n_all // args.batch_size) // max(
+        1, -(-len(few.train) // args.batch_size))
+    rows: dict[str, list[dict]] = {"scratch": [], "hinton_kd": []}
+    for seed in range(args.seeds):
+        console.print(f"[bold]transfer: scratch[/] seed {seed} ({len(few.train)} labels)")
+        cfg = make_cfg(work / f"tscratch{seed}", args.student, args.student_kwargs,
+                       scratch_epochs, seed, args)
+        cfg.data.label_fraction = args.label_fraction
+        rows["scratch"].append(timed_fit(cfg, few))
+        console.print(f"[bold]transfer: hinton_kd[/] seed {seed} (+{n_all} unlabelled)")
+        margs = {**kd_args("hinton_kd", teacher, args, work), "transfer": "fashion-mnist"}
+        cfg = make_cfg(work / f"tkd{seed}", args.student, args.student_kwargs,
+                       args.transfer_epochs, seed, args, margs)
+        cfg.data.label_fraction = args.label_fraction
+        if args.limit:
+            cfg.data.limit = args.limit
+        rows["hinton_kd"].append(timed_fit(cfg, few))
+    return {"teacher": trow, "labels": len(few.train), "unlabelled": n_all,
+            "scratch_epochs": scratch_epochs, "kd_epochs": args.transfer_epochs,
+            "students": {k: summarise(v, rows["scratch"]) for k, v in rows.items()}}
+
+
+def summarise(runs: list[dict], scratch: list[dict]) -> dict[str, Any]:
+    """Mean ± std of test accuracy, and the gain over the scratch run of the same seed."""
     accs = [r["test_acc"] for r in runs]
-    return {"test_acc": accs, "mean": statistics.mean(accs),
-            "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+    gains = [100 * (r["test_acc"] - s["test_acc"]) for r, s in zip(runs, scratch, strict=False)]
+    sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
+    return {"test_acc": accs, "mean": statistics.mean(accs), "std": sd,
+            "gain_pt": gains, "gain_mean_pt": statistics.mean(gains),
+            "gain_std_pt": statistics.stdev(gains) if len(gains) > 1 else 0.0,
             "params": runs[0]["params"], "cpu_s": statistics.mean(r["cpu_s"] for r in runs)}
 
 
@@ -224,26 +297,19 @@ def throughput(args, splits: Splits, work: Path) -> dict[str, Any]:
 
 # ---- report ------------------------------------------------------------------------------------
 def print_tables(res: dict[str, Any]) -> None:
-    acc = res["accuracy"]
-    t = acc["teacher"]
-    tab = Table(title=f"Fashion-MNIST distillation ({res['settings']['epochs']} epochs, "
-                      f"{res['settings']['seeds']} seeds)")
-    for col in ("model", "params", "% teacher", "test acc (mean ± std)", "vs scratch",
-                "CPU s/run"):
-        tab.add_column(col, justify="right" if col != "model" else "left")
-    tab.add_row(f"teacher {t['model']}", f"{t['params']:,}", "100%", f"{t['test_acc']:.4f}", "",
-                "trained elsewhere" if t["cpu_s"] is None else f"{t['cpu_s']:.0f}")
-    scratch = acc["students"]["scratch"]["mean"]
-    for name, s in acc["students"].items():
-        tab.add_row(name, f"{s['params']:,}", f"{s['params'] / t['params']:.1%}",
-                    f"{s['mean']:.4f} ± {s['std']:.4f}",
-                    "" if name == "scratch" else f"{100 * (s['mean'] - scratch):+.2f} pt",
-                    f"{s['cpu_s']:.0f}")
-    console.print(tab)
-    tp = res["throughput"]
+    st = res["settings"]
+    for key, title in (("accuracy", f"Fashion-MNIST distillation, all labels ({st['epochs']} "
+                                    f"epochs, {st['seeds']} seeds)"),
+                       ("transfer", f"{st['label_fraction']:.0%} of the labels + the rest "
+                                    f"unlabelled ({st['seeds']} seeds)")):
+        if key in res:
+            accuracy_rows(res[key], title)
+    tp = res.get("throughput")
+    if not tp:
+        return
     tab = Table(title=f"KD epoch throughput ({tp['teacher']} -> {tp['student']}, "
                       f"{tp['images']} images, batch {tp['batch_size']}, best of "
-                      f"{res['settings']['repeats']})")
+                      f"{st['repeats']})")
     tab.add_column("loop")
     tab.add_column("images/s", justify="right")
     tab.add_column("vs hand loop", justify="right")
@@ -254,13 +320,38 @@ def print_tables(res: dict[str, Any]) -> None:
         console.print(f"torchdistill: {tp['torchdistill_note']}")
 
 
+def accuracy_rows(acc: dict[str, Any], title: str) -> None:
+    t = acc["teacher"]
+    tab = Table(title=title)
+    for col in ("model", "params", "% teacher", "test acc (mean ± std)",
+                "gain vs scratch (pt, mean ± std)", "CPU s/run"):
+        tab.add_column(col, justify="right" if col != "model" else "left")
+    tab.add_row(f"teacher {t['model']}", f"{t['params']:,}", "100%", f"{t['test_acc']:.4f}", "",
+                "trained elsewhere" if t["cpu_s"] is None else f"{t['cpu_s']:.0f}")
+    for name, s in acc["students"].items():
+        gain = "" if name == "scratch" else f"{s['gain_mean_pt']:+.2f} ± {s['gain_std_pt']:.2f}"
+        tab.add_row(name, f"{s['params']:,}", f"{s['params'] / t['params']:.1%}",
+                    f"{s['mean']:.4f} ± {s['std']:.4f}", gain, f"{s['cpu_s']:.0f}")
+    console.print(tab)
+
+
+def cpu_flags() -> list[str]:
+    wanted = {"avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile"}
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    return sorted(wanted & set(text.split()))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="2,000 images, 1 seed, 1 epoch")
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--work", help="keep runs (student checkpoints) here instead of a temp dir")
-    p.add_argument("--teacher-checkpoint", help="use this trained teacher instead of training one")
+    p.add_argument("--teacher-checkpoint", nargs="+",
+                   help="use this trained teacher (several: their ensemble) instead of training")
     p.add_argument("--tap-map", default="",
                    help="teacher tap renames for feature losses, e.g. "
                         "stage2=backbone.layer1,stage3=backbone.layer2 for a ResNet teacher")
@@ -269,17 +360,34 @@ def main() -> None:
     p.add_argument("--limit", type=int, default=None, help="training images (default: all)")
     p.add_argument("--teacher", default="cnn_l")
     p.add_argument("--teacher-epochs", type=int, default=10)
-    p.add_argument("--student", default="cnn_xs")
-    p.add_argument("--student-width", type=float, default=0.875, help="student width_mult")
+    p.add_argument("--student", default="cnn_s")
+    p.add_argument("--student-width", type=float, default=1.0, help="student width_mult")
     p.add_argument("--tp-teacher", default="cnn_l", help="teacher of the throughput test")
-    p.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--methods", nargs="*", default=["hinton_kd", "dkd"], choices=list(METHODS))
     p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--optim", default="adamw", choices=["adamw", "sgd"])
+    p.add_argument("--lr", type=float, default=0.003)
+    p.add_argument("--weight-decay", type=float, default=0.0005)
+    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
+                   help="random crop/flip for scratch and KD alike (teacher sees the same view)")
+    p.add_argument("--erasing", type=float, default=0.0, help="random erasing probability")
+    p.add_argument("--ce-weight", type=float, default=1.0, help="label CE weight of KD runs")
+    p.add_argument("--mix", default="none", choices=["none", "mixup", "cutmix", "both"],
+                   help="function matching for the KD losses that take no hard labels")
+    p.add_argument("--mix-alpha", type=float, default=1.0)
+    p.add_argument("--sections", nargs="+", default=["accuracy", "transfer", "throughput"],
+                   choices=["accuracy", "transfer", "throughput"])
+    p.add_argument("--label-fraction", type=float, default=0.05,
+                   help="labels kept in the transfer section")
+    p.add_argument("--transfer-epochs", type=int, default=8,
+                   help="KD epochs (passes over the unlabelled set) in the transfer section")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="bench_distill.json")
     args = p.parse_args()
     if args.quick:
         args.epochs, args.seeds, args.teacher_epochs, args.repeats = 1, 1, 2, 1
+        args.transfer_epochs = 1
         args.limit = args.limit or 2000
     args.student_kwargs = {"width_mult": args.student_width}
     args.tap_map = dict(kv.split("=", 1) for kv in args.tap_map.split(",") if kv)
@@ -288,10 +396,16 @@ def main() -> None:
     splits = build_splits(DataConfig(name="fashion-mnist", limit=args.limit))
     with tempfile.TemporaryDirectory(prefix="bench_distill_") as tmp:
         work = Path(args.work) if args.work else Path(tmp)  # --work keeps the checkpoints
-        res = {"accuracy": accuracy_table(args, splits, work),
-               "throughput": throughput(args, splits, work)}
+        res: dict[str, Any] = {}
+        if "accuracy" in args.sections:
+            res["accuracy"] = accuracy_table(args, splits, work)
+        if "transfer" in args.sections:
+            res["transfer"] = transfer_table(args, splits, work)
+        if "throughput" in args.sections:
+            res["throughput"] = throughput(args, splits, work)
     res["settings"] = {k: v for k, v in vars(args).items()}
     res["machine"] = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                      "cpu_flags": cpu_flags(),
                       "torch": torch.__version__, "loadavg_start": load0,
                       "loadavg_end": os.getloadavg()[0]}
     print_tables(res)

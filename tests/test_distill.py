@@ -200,7 +200,7 @@ def test_corrupt_or_code_holding_teacher(tmp_path, tiny_checkpoint, small):
     bad(tmp_path, small, {"model": "cnn_xs", "weights": str(code)}, [{"name": "hinton_kd"}],
         "refused to load")
     bad(tmp_path, small, {"checkpoint": str(tmp_path / "missing.pt")}, [{"name": "hinton_kd"}],
-        "not found")
+        "no such file")
 
 
 # ---- exact resume -------------------------------------------------------------------------------
@@ -244,7 +244,7 @@ def test_cli_end_to_end_writes_student_only_checkpoint(tmp_path, tiny_checkpoint
         f"  cache_dir: {tmp_path / 'cache'}\n"
         "model: {name: cnn_s}\n"
         "data: {batch_size: 64, val_fraction: 0.02}\n"
-        "train: {epochs: 1, progress: false, threads: 1}\n"
+        "train: {epochs: 3, progress: false, threads: 1}\n"
     )
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "edgekt.cli.app", "distill", str(cfg), "--limit", "300",
@@ -256,7 +256,7 @@ def test_cli_end_to_end_writes_student_only_checkpoint(tmp_path, tiny_checkpoint
         assert (run / name).is_file(), name
     ck = load_checkpoint(run / "last.pt")
     assert ck["model"]["name"] == "cnn_s" and ck["method"]["method"] == "distill"
-    assert ck["method"]["teacher"]["sha256"] and 0 <= ck["metrics"]["test_acc"] <= 1
+    assert ck["method"]["teacher"]["sha256"] and ck["metrics"]["test_acc"] > 0.3  # chance: 0.1
     assert all(k.startswith("terms.") for k in ck["task"])
     teacher_sd = load_checkpoint(tiny_checkpoint)["model"]["state_dict"]
     stored = list(all_tensors({k: v for k, v in ck.items() if k != "rng"}))

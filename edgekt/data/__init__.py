@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
 from edgekt.config import DataConfig
 from edgekt.data import sources
-from edgekt.data.base import BatchLoader, DatasetInfo, Splits, TensorSplit, random_crop_flip
+from edgekt.data.base import (
+    BatchLoader,
+    DatasetInfo,
+    Splits,
+    TensorSplit,
+    random_crop_flip,
+    random_erasing,
+)
 from edgekt.data.registry import DATASETS
 from edgekt.errors import EdgektError
 
@@ -44,6 +53,9 @@ def build_splits(cfg: DataConfig) -> Splits:
     val, train = full.subset(order[:n_val]), full.subset(order[n_val:])
     if cfg.limit is not None:
         train = train.subset(torch.arange(min(cfg.limit, len(train))))
+    if cfg.label_fraction < 1.0:
+        keep = torch.randperm(len(train), generator=torch.Generator().manual_seed(20240602))
+        train = train.subset(keep[: max(1, round(len(train) * cfg.label_fraction))].sort().values)
     test = TensorSplit(xte, yte)
     mean, std = KNOWN_STATS.get(name, (None, None)) if cfg.classes is None else (None, None)
     if mean is None:
@@ -60,9 +72,18 @@ def make_loader(split: TensorSplit, info: DatasetInfo, cfg: DataConfig, *, train
                 ) -> BatchLoader:
     return BatchLoader(
         split, info, cfg.batch_size if train else cfg.eval_batch_size, shuffle=train, seed=seed,
-        augment=random_crop_flip if (train and cfg.augment) else None, rank=rank, world=world,
-        with_index=with_index,
+        augment=augmenter(cfg) if train else None, rank=rank, world=world, with_index=with_index,
     )
+
+
+def augmenter(cfg: DataConfig) -> Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None:
+    """The training-batch augmentation ``cfg`` asks for (None: the input is deterministic)."""
+    if not cfg.augment:
+        return None
+    if not cfg.erasing:
+        return random_crop_flip
+    p = cfg.erasing
+    return lambda x, g: random_erasing(random_crop_flip(x, g), g, p=p)
 
 
 def _keep_classes(x: torch.Tensor, y: torch.Tensor, classes: list[int]):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -76,6 +77,7 @@ class BatchLoader:
         self.split, self.batch_size, self.shuffle, self.seed = split, batch_size, shuffle, seed
         self.augment, self.drop_last, self.rank, self.world = augment, drop_last, rank, world
         self.with_index = with_index
+        self.info = info
         self.mean = torch.tensor(info.mean).view(1, -1, 1, 1) * 255.0
         self.std = torch.tensor(info.std).view(1, -1, 1, 1) * 255.0
         self.epoch = 0
@@ -104,18 +106,58 @@ class BatchLoader:
     def iter_from(self, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, ...]]:
         order = self._order()
         for b in range(start_batch, len(self)):
-            idx = order[b * self.batch_size : (b + 1) * self.batch_size]
-            x = self.split.images[idx].float()
-            if self.augment is not None:
-                g = torch.Generator().manual_seed((self.seed * 100_003 + self.epoch) * 10_007 + b)
-                x = self.augment(x, g)
-            x = (x - self.mean) / self.std
-            y = self.split.targets[idx]
-            if self.with_index:
-                pos = self.split.indices[idx] if self.split.indices is not None else idx
-                yield x, y, pos
-            else:
-                yield x, y
+            yield self._batch(order, b)
+
+    def batch_at(self, epoch: int, b: int) -> tuple[torch.Tensor, ...]:
+        """Batch ``b`` of epoch ``epoch``, exactly as iteration would yield it."""
+        saved, self.epoch = self.epoch, epoch
+        try:
+            return self._batch(self._order(), b)
+        finally:
+            self.epoch = saved
+
+    def _batch(self, order: torch.Tensor, b: int) -> tuple[torch.Tensor, ...]:
+        idx = order[b * self.batch_size : (b + 1) * self.batch_size]
+        x = self.split.images[idx].float()
+        if self.augment is not None:
+            g = torch.Generator().manual_seed((self.seed * 100_003 + self.epoch) * 10_007 + b)
+            x = self.augment(x, g)
+        x = (x - self.mean) / self.std
+        y = self.split.targets[idx]
+        if self.with_index:
+            pos = self.split.indices[idx] if self.split.indices is not None else idx
+            return x, y, pos
+        return x, y
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        return self.iter_from(0)
+
+
+class PairedLoader:
+    """Batches of a large (unlabelled) ``primary`` loader, each paired with the next batch of a
+    small labelled ``secondary`` loader, cycled: yields ``(x_labelled, y_labelled, x_primary)``.
+
+    An epoch is one pass over ``primary``; the secondary batch is a pure function of the global
+    batch number, so a run resumed mid-epoch sees the same pairs.
+    """
+
+    def __init__(self, primary: BatchLoader, secondary: BatchLoader) -> None:
+        self.primary, self.secondary = primary, secondary
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.primary.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.primary)
+
+    def iter_from(self, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, ...]]:
+        per = len(self.secondary)
+        for b, batch in enumerate(self.primary.iter_from(start_batch), start=start_batch):
+            k = self.epoch * len(self.primary) + b
+            x_l, y_l = self.secondary.batch_at(k // per, k % per)[:2]
+            yield x_l, y_l, batch[0]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         return self.iter_from(0)
@@ -134,3 +176,23 @@ def random_crop_flip(x: torch.Tensor, g: torch.Generator, pad: int = 2) -> torch
     flip = torch.rand(n, generator=g) < 0.5
     out[flip] = out[flip].flip(-1)
     return out
+
+
+def random_erasing(x: torch.Tensor, g: torch.Generator, p: float = 0.5,
+                   area: tuple[float, float] = (0.02, 0.25), ratio: float = 3.0) -> torch.Tensor:
+    """Batched random erasing (Zhong et al. 2020): with probability ``p`` per image, a rectangle
+    of ``area`` (fraction of the image) and aspect ratio in [1/ratio, ratio] is filled with
+    uniform noise in the pixel range (0..255, before normalisation)."""
+    n, _, h, w = x.shape
+    frac = torch.empty(n).uniform_(*area, generator=g)
+    log_r = torch.empty(n).uniform_(-math.log(ratio), math.log(ratio), generator=g)
+    eh = (frac * h * w * log_r.exp()).sqrt().round().clamp(1, h).long()
+    ew = (frac * h * w / log_r.exp()).sqrt().round().clamp(1, w).long()
+    top = (torch.rand(n, generator=g) * (h - eh + 1)).long()
+    left = (torch.rand(n, generator=g) * (w - ew + 1)).long()
+    rows, cols = torch.arange(h).view(1, h, 1), torch.arange(w).view(1, 1, w)
+    box = ((rows >= top.view(n, 1, 1)) & (rows < (top + eh).view(n, 1, 1))
+           & (cols >= left.view(n, 1, 1)) & (cols < (left + ew).view(n, 1, 1)))
+    box &= (torch.rand(n, generator=g) < p).view(n, 1, 1)
+    noise = torch.rand(x.shape, generator=g) * 255.0
+    return torch.where(box.unsqueeze(1), noise, x)

@@ -9,24 +9,26 @@ the student, the adapters and the KD state only, plus the teacher's identity in 
 from __future__ import annotations
 
 import inspect
-import os
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model
 from rich.console import Console
 from torch import nn
 
 from edgekt.config import Config, Strict, validate
-from edgekt.data import Splits, make_loader
+from edgekt.data import BatchLoader, Splits, make_loader
+from edgekt.data.base import PairedLoader
 from edgekt.distill import cache as tcache
 from edgekt.distill.bridges import Adapter, CRDMemory, sync_across_ranks
 from edgekt.distill.losses import KD_LOSSES, KDLoss
+from edgekt.distill.mixing import Mix, mix_batch
 from edgekt.distill.taps import FeatureTaps
-from edgekt.distill.teacher import TeacherConfig, load_teacher, renormaliser
+from edgekt.distill.teacher import TeacherConfig, load_teachers, renormaliser
+from edgekt.distill.transfer import transfer_split
 from edgekt.engine.tasks import METHODS, StepOutput, Task
 from edgekt.errors import EdgektError
 
@@ -48,10 +50,15 @@ class LossTerm(BaseModel):
     """Ramp this term's weight linearly from 0 over this many epochs (DKD uses 20 in its paper)."""
 
 
+def _as_list(value: Any) -> Any:
+    return [value] if isinstance(value, dict) else value
+
+
 class DistillOptions(Strict):
     """``method_args`` of ``method: distill``."""
 
-    teacher: TeacherConfig
+    teacher: Annotated[list[TeacherConfig], BeforeValidator(_as_list)]
+    """One teacher, or a list whose averaged logits are the teacher (an ensemble)."""
     losses: list[LossTerm] = Field(min_length=1)
     ce_weight: float = Field(1.0, ge=0)
     """Weight of the label cross-entropy."""
@@ -62,6 +69,19 @@ class DistillOptions(Strict):
     """Where cache entries live (default: ``$EDGEKT_CACHE/teacher``, else
     ``~/.cache/edgekt/teacher``)."""
     cache_max_mb: float = Field(4096.0, gt=0)
+    mix: Literal["none", "mixup", "cutmix", "both"] = "none"
+    """Function matching (Beyer et al. 2022, "Knowledge distillation: A good teacher is patient
+    and consistent"): mix each training batch with a shuffled copy of itself (mixup, cutmix, or
+    one of the two at random per batch); teacher and student see the same mixed images."""
+    mix_alpha: float = Field(1.0, gt=0)
+    """Beta(alpha, alpha) of the mixing ratio."""
+    transfer: str | None = None
+    """A dataset whose images (labels ignored) the student also learns from the teacher on: any
+    dataset name, or ``imagefolder:PATH`` (class folders, or images directly in PATH). Its
+    training split is used (``data.limit`` applies to it too), so validation and test images
+    never leak in."""
+    transfer_batch_size: int | None = Field(None, gt=0)
+    """Transfer images per step (default: ``data.batch_size``)."""
 
 
 def options_model(name: str, *sources: Any) -> type[BaseModel]:
@@ -117,12 +137,14 @@ class DistillTask(Task):
     """Student trained on ``ce_weight * CE + sum_i weight_i * ramp_i * KD_i`` against a frozen
     teacher (see ``DistillOptions``)."""
 
+    args_model = DistillOptions
+
     def __init__(self, cfg: Config, model: nn.Module, splits: Splits, device: torch.device):
         super().__init__(cfg, model, splits, device)
         source = "method_args (method: distill)"
         self.opts: DistillOptions = validate(DistillOptions, cfg.method_args, source)
         info = splits.info
-        teacher = load_teacher(self.opts.teacher, info)
+        teacher = load_teachers(self.opts.teacher, info)
         self.teacher_identity = teacher.identity
         # A plain attribute, not a sub-module: keeps the teacher out of state_dict/parameters().
         object.__setattr__(self, "teacher", teacher.model)
@@ -130,6 +152,7 @@ class DistillTask(Task):
         self._renorm = None if renorm is None else tuple(r.to(device) for r in renorm)
 
         specs = [(t, KD_LOSSES.get(t.name)) for t in self.opts.losses]
+        self._check_combination(specs, source)
         for term, spec in specs:
             defaults = _default_taps(spec, model, teacher.model)
             term.student = term.student or defaults[0]
@@ -155,7 +178,8 @@ class DistillTask(Task):
         if cfg.train.channels_last and device.type == "cuda":
             self.teacher.to(memory_format=torch.channels_last)
         self.ce_weight = self.opts.ce_weight
-        self.steps_per_epoch = self._steps_per_epoch(splits)
+        self.transfer = None if self.opts.transfer is None else transfer_split(
+            self.opts.transfer, cfg.data, info)
         self.cache: tcache.TeacherCache | None = None
         self.cache_key: str | None = None
         if self._use_cache(splits, t_shapes):
@@ -194,15 +218,42 @@ class DistillTask(Task):
             return CRDMemory(s_dim, t_dim, tcache.split_positions(splits.train), **kw)
         return None
 
-    def _steps_per_epoch(self, splits: Splits) -> int:
-        """Optimiser steps per epoch, as the engine counts them (for warm-up ramps)."""
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        loader = make_loader(splits.train, splits.info, self.cfg.data, train=True, world=world)
-        return max(1, -(-len(loader) // self.cfg.train.grad_accum))
+    def _check_combination(self, specs: list[tuple[LossTerm, KDLoss]], source: str) -> None:
+        hard = [t.name for t, spec in specs if spec.targets]
+        if self.opts.mix != "none" and hard:
+            raise EdgektError(f"{source}: mix: {self.opts.mix} mixes images of two classes, but "
+                              f"{hard} need one hard label per image; use hinton_kd or dist, or "
+                              f"mix: none")
+        if self.opts.transfer is not None:
+            if hard:
+                raise EdgektError(f"{source}: transfer images have no labels, but {hard} need "
+                                  f"them; use hinton_kd or dist with a transfer set")
+            if any(spec.bridge == "crd" for _, spec in specs):
+                raise EdgektError(f"{source}: crd indexes the labelled split only and cannot "
+                                  f"use a transfer set")
+        if len(self.opts.teacher) > 1:
+            feats = [f"{t.name} ({t.teacher or 'default tap'})" for t, spec in specs
+                     if spec.inputs != "logits"]
+            if feats:
+                raise EdgektError(f"{source}: a teacher ensemble offers only its averaged "
+                                  f"logits, but {feats} tap teacher features; use one teacher")
+
+    def train_loader(self, loader: BatchLoader) -> BatchLoader | PairedLoader:
+        if self.transfer is None:
+            return loader
+        size = self.opts.transfer_batch_size or self.cfg.data.batch_size
+        primary = BatchLoader(self.transfer, loader.info, size, shuffle=True, seed=loader.seed + 1,
+                              augment=loader.augment, rank=loader.rank, world=loader.world)
+        return PairedLoader(primary, loader)
 
     def _use_cache(self, splits: Splits, t_shapes: dict) -> bool:
         mode = self.opts.cache
         if mode == "off":
+            return False
+        if self.opts.mix != "none" or self.opts.transfer is not None:
+            if mode == "on":
+                raise EdgektError("method_args.cache: on cannot be used with mix or transfer "
+                                  "(the teacher sees new images every step)")
             return False
         if self.cfg.data.augment:
             if mode == "on":
@@ -238,21 +289,40 @@ class DistillTask(Task):
 
     def training_step(self, model: nn.Module, batch: tuple, step: int) -> StepOutput:
         x, y = batch[0], batch[1]
-        pos = batch[2] if len(batch) > 2 else None
+        n_labelled = len(y)
+        pos, mixed = None, None
+        g = torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + step)
+        if self.transfer is not None:
+            # Labelled images stay clean (their CE is exact); the transfer images are mixed.
+            x_u = batch[2]
+            if self.opts.mix != "none":
+                x_u = mix_batch(x_u, self.opts.mix, self.opts.mix_alpha, g)[0]
+            x = torch.cat([x, x_u])
+        else:
+            pos = batch[2] if len(batch) > 2 else None
+            if self.opts.mix != "none":
+                x, mixed = mix_batch(x, self.opts.mix, self.opts.mix_alpha, g)
         if self.cache is not None:
             t_out = self.cache.lookup(pos, x.device)
         else:
             t_out = self.teacher_outputs(x)
         logits = model(x)
         s_out = self.s_taps.collect(logits)
-        ce = F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing)
+        ce = self._ce(logits[:n_labelled].float(), y, mixed)
         loss = self.ce_weight * ce
         terms = {"ce": ce}
         for term in self.terms:
             value = term(s_out[term.s_tap], t_out[term.t_tap], y, pos)
             terms[term.key] = value
             loss = loss + term.weight * term.ramp(step, self.steps_per_epoch) * value
-        return StepOutput(loss, logits, y, terms)
+        return StepOutput(loss, logits[:n_labelled], y, terms)
+
+    def _ce(self, logits: torch.Tensor, y: torch.Tensor, mixed: Mix | None) -> torch.Tensor:
+        ls = self.label_smoothing
+        if mixed is None:
+            return F.cross_entropy(logits, y, label_smoothing=ls)
+        return (mixed.lam * F.cross_entropy(logits, y, label_smoothing=ls)
+                + (1 - mixed.lam) * F.cross_entropy(logits, y[mixed.perm], label_smoothing=ls))
 
     def train(self, mode: bool = True) -> DistillTask:
         super().train(mode)

@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from pydantic import Field, model_validator
+from torch import nn
 
 from edgekt.config import Strict
 from edgekt.data import DatasetInfo
 from edgekt.engine.checkpoint import file_sha256, load_checkpoint
 from edgekt.engine.setup import model_from_checkpoint
 from edgekt.errors import EdgektError
-from edgekt.models import EdgeNet, count_params, create_model, load_weights
+from edgekt.models import count_params, create_model, load_weights
 
 
 class TeacherConfig(Strict):
@@ -36,12 +38,17 @@ class TeacherConfig(Strict):
         if self.model is not None and self.weights is None:
             raise ValueError("teacher.model needs teacher.weights (a random teacher teaches "
                              "nothing)")
+        path = self.checkpoint or self.weights
+        if path is not None and not Path(path).is_file():
+            key = "checkpoint" if self.checkpoint else "weights"
+            raise ValueError(f"teacher.{key}: no such file: {path} (train the teacher first, "
+                             f"or fix the path)")
         return self
 
 
 @dataclass
 class Teacher:
-    model: EdgeNet
+    model: nn.Module
     identity: dict[str, Any]
     """What the student's checkpoint records: source, path, sha256, model, params, metrics."""
     info: DatasetInfo | None
@@ -77,6 +84,45 @@ def load_teacher(cfg: TeacherConfig, info: DatasetInfo) -> Teacher:
                 "path": str(path.resolve()), "sha256": file_sha256(path), "model": name,
                 "kwargs": kwargs, "params": count_params(model), "metrics": metrics}
     return Teacher(model, identity, t_info)
+
+
+class TeacherEnsemble(nn.Module):
+    """Several frozen teachers as one: the mean of their logits. Each member first maps the
+    student's normalised input to its own normalisation."""
+
+    def __init__(self, members: list[nn.Module],
+                 renorms: list[tuple[torch.Tensor, torch.Tensor] | None]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        for i, r in enumerate(renorms):
+            scale, shift = r if r is not None else (torch.ones(1, 1, 1, 1), torch.zeros(1, 1, 1, 1))
+            self.register_buffer(f"scale{i}", scale)
+            self.register_buffer(f"shift{i}", shift)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        outs = [m(x * getattr(self, f"scale{i}") + getattr(self, f"shift{i}"))
+                for i, m in enumerate(self.members)]
+        return torch.stack([o.float() for o in outs]).mean(0)
+
+
+def load_teachers(cfgs: TeacherConfig | list[TeacherConfig], info: DatasetInfo) -> Teacher:
+    """One teacher, or an ensemble of several (averaged logits) checked against ``info``."""
+    if isinstance(cfgs, TeacherConfig):
+        return load_teacher(cfgs, info)
+    if not cfgs:
+        raise EdgektError("method_args.teacher: the list of teachers is empty")
+    members = [load_teacher(c, info) for c in cfgs]
+    if len(members) == 1:
+        return members[0]
+    renorms = [renormaliser(m.info, info) for m in members]
+    model = TeacherEnsemble([m.model for m in members], renorms).eval().requires_grad_(False)
+    ids = [m.identity for m in members]
+    digest = hashlib.sha256("".join(i["sha256"] for i in ids).encode()).hexdigest()
+    identity = {"source": "ensemble", "path": [i["path"] for i in ids], "sha256": digest,
+                "model": "ensemble(" + ",".join(i["model"] for i in ids) + ")",
+                "kwargs": [i["kwargs"] for i in ids], "params": sum(i["params"] for i in ids),
+                "metrics": {}, "members": ids}
+    return Teacher(model, identity, None)  # type: ignore[arg-type]
 
 
 def _check_data(t: DatasetInfo, s: DatasetInfo, path: Path) -> None:

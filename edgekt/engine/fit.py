@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 
 import edgekt
 from edgekt.config import Config, dump_config
@@ -28,7 +29,7 @@ from edgekt.engine.setup import (
     set_train_mode,
     to_device,
 )
-from edgekt.engine.tasks import Task, get_method
+from edgekt.engine.tasks import Task, check_method_args, get_method
 from edgekt.errors import EdgektError
 from edgekt.models import EdgeNet, count_params
 
@@ -61,12 +62,29 @@ def evaluate(model: nn.Module, loader: BatchLoader, rt: Runtime) -> dict[str, fl
     return {"loss": totals[0].item() / n, "acc": totals[1].item() / n}
 
 
+def ema_update(decay: float):
+    """EMA step for ``AveragedModel`` with the usual warm-up: the effective decay is
+    ``min(decay, (1 + n) / (10 + n))`` after ``n`` updates, so a short run is not dominated by
+    the random initial weights. Integer buffers (BatchNorm counters) are copied."""
+
+    @torch.no_grad()
+    def update(ema: list[torch.Tensor], cur: list[torch.Tensor], n: torch.Tensor) -> None:
+        d = min(decay, (1.0 + n.item()) / (10.0 + n.item()))
+        if torch.is_floating_point(ema[0]):
+            torch._foreach_lerp_(ema, cur, 1.0 - d)
+        else:
+            torch._foreach_copy_(ema, cur)
+
+    return update
+
+
 class Trainer:
     """Holds the objects of one run; ``run()`` is the explicit loop."""
 
     def __init__(self, cfg: Config, *, resume: bool = False, force: bool = False,
                  splits: Splits | None = None) -> None:
         self.cfg = cfg
+        check_method_args(cfg)  # before any data or model is built
         self.run_dir = Path(cfg.run.dir)
         self.rt = setup_runtime(cfg.train)
         last = self.run_dir / "last.pt"
@@ -79,17 +97,24 @@ class Trainer:
         self.task: Task = get_method(cfg.method)(cfg, self.model, self.splits, self.rt.device)
         self.model = to_device(self.model, self.rt.device, cfg.train.channels_last)
         self.task.to(self.rt.device)
-        self.train_loader = make_loader(self.splits.train, info, cfg.data, train=True,
-                                        seed=cfg.train.seed, rank=self.rt.rank,
-                                        world=self.rt.world, with_index=self.task.needs_index)
+        self.train_loader = self.task.train_loader(make_loader(
+            self.splits.train, info, cfg.data, train=True, seed=cfg.train.seed,
+            rank=self.rt.rank, world=self.rt.world, with_index=self.task.needs_index))
         self.val_loader = make_loader(self.splits.val, info, cfg.data, train=False,
                                       rank=self.rt.rank, world=self.rt.world)
         self.steps_per_epoch = -(-len(self.train_loader) // cfg.train.grad_accum)
+        self.task.steps_per_epoch = self.steps_per_epoch
         groups = param_groups(self.model, cfg.optim, self.task.extra_parameters())
         self.opt = build_optimizer(groups, cfg.optim)
         self.sched = build_scheduler(self.opt, cfg.sched, self.steps_per_epoch, cfg.train.epochs)
         self.scaler = torch.amp.GradScaler(self.rt.device.type,
                                            enabled=self.rt.amp_dtype == torch.float16)
+        self.ema = None
+        if cfg.train.ema:
+            # Averaged BatchNorm buffers too (use_buffers), so the EMA model evaluates as it is.
+            self.ema = AveragedModel(self.model, multi_avg_fn=ema_update(cfg.train.ema),
+                                     use_buffers=True)
+        self.eval_model: EdgeNet = self.model if self.ema is None else self.ema.module
         self.fwd_model: nn.Module = self.model
         if cfg.train.compile:
             self.fwd_model = torch.compile(self.fwd_model)
@@ -112,7 +137,8 @@ class Trainer:
     def state(self, metrics: dict[str, Any]) -> dict[str, Any]:
         return {
             "edgekt_version": edgekt.__version__,
-            "model": model_record(self.cfg.model, self.splits.info, self.model),
+            "model": model_record(self.cfg.model, self.splits.info, self.eval_model),
+            **self._ema_state(),
             "data": info_record(self.splits.info),
             "config": self.cfg.model_dump(),
             "method": self.task.export_metadata(),
@@ -129,13 +155,26 @@ class Trainer:
             "metrics": metrics,
         }
 
+    def _ema_state(self) -> dict[str, Any]:
+        """With EMA, ``model`` holds the averaged weights (what users evaluate and export) and
+        ``train_model`` the raw ones the optimiser continues from."""
+        if self.ema is None:
+            return {}
+        return {"train_model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+                "ema_updates": int(self.ema.n_averaged.item())}
+
     def save(self, name: str, metrics: dict[str, Any]) -> None:
         if self.rt.is_main:
             save_checkpoint(self.run_dir / name, self.state(metrics))
 
     def _restore(self, ck: dict[str, Any]) -> None:
         try:
-            self.model.load_state_dict(ck["model"]["state_dict"])
+            if self.ema is None:
+                self.model.load_state_dict(ck["model"]["state_dict"])
+            else:
+                self.model.load_state_dict(ck["train_model"])
+                self.ema.module.load_state_dict(ck["model"]["state_dict"])
+                self.ema.n_averaged.fill_(ck["ema_updates"])
             self.task.load_state_dict(ck["task"])
             self.opt.load_state_dict(ck["optimizer"])
             self.sched.load_state_dict(ck["scheduler"])
@@ -222,12 +261,14 @@ class Trainer:
             self.scaler.update()
             self.opt.zero_grad(set_to_none=True)
             self.sched.step()
+            if self.ema is not None:
+                self.ema.update_parameters(self.model)
             self.step += 1
 
     def _end_epoch(self, seconds: float) -> dict[str, Any]:
         r = self.running
-        val = evaluate(self.model, self.val_loader, self.rt)
-        val.update(self.task.extra_metrics(self.model, "val"))  # may override loss/acc
+        val = evaluate(self.eval_model, self.val_loader, self.rt)
+        val.update(self.task.extra_metrics(self.eval_model, "val"))  # may override loss/acc
         row = {
             "epoch": self.epoch + 1, "step": self.step,
             "train_loss": r["loss"] / max(r["seen"], 1),
@@ -258,8 +299,8 @@ class Trainer:
     def _finish(self, last_row: dict[str, Any]) -> FitResult:
         test_loader = make_loader(self.splits.test, self.splits.info, self.cfg.data, train=False,
                                   rank=self.rt.rank, world=self.rt.world)
-        test = evaluate(self.model, test_loader, self.rt)
-        test.update(self.task.extra_metrics(self.model, "test"))
+        test = evaluate(self.eval_model, test_loader, self.rt)
+        test.update(self.task.extra_metrics(self.eval_model, "test"))
         metrics = {**last_row, "test_loss": test["loss"], "test_acc": test["acc"],
                    "best_val_acc": self.best_acc, "params": count_params(self.model)}
         metrics.update({f"test_{k}": v for k, v in test.items() if k not in ("loss", "acc")})

@@ -9,20 +9,36 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel
 from torch import nn
 
-from edgekt.config import Config
-from edgekt.data import Splits
+from edgekt.config import Config, validate
+from edgekt.data import BatchLoader, Splits
+from edgekt.data.base import PairedLoader
+from edgekt.errors import EdgektError
 from edgekt.registry import Registry
 
 METHODS: Registry = Registry("method")
 
 # Method families register themselves on import; the engine imports them explicitly here.
 METHOD_PACKAGES = ("edgekt.distill", "edgekt.fewshot", "edgekt.methods")
+
+
+def check_method_args(cfg: Config) -> None:
+    """Validate ``cfg.method_args`` with the method's own typed model, before any data loads:
+    a misspelt key names the config file, the key and the closest valid key."""
+    args_model = get_method(cfg.method).args_model
+    source = f"{cfg.source}: method_args (method: {cfg.method})"
+    if args_model is None:
+        if cfg.method_args:
+            raise EdgektError(f"{source}: this method takes no method_args (got "
+                              f"{', '.join(sorted(cfg.method_args))})")
+        return
+    validate(args_model, cfg.method_args, source)
 
 
 def get_method(name: str) -> type[Task]:
@@ -45,8 +61,12 @@ class Task(nn.Module):
     """Base task. Subclasses override ``training_step``; ``nn.Module`` so extra trainable parts
     (adapters) register as parameters and save with ``state_dict``."""
 
+    args_model: ClassVar[type[BaseModel] | None] = None
+    """The typed model of this method's ``method_args`` (None: it takes none)."""
     needs_index: bool = False
     """Ask the loader for each sample's dataset position (e.g. for a teacher-output cache)."""
+    steps_per_epoch: int = 1
+    """Optimiser steps per epoch, set by the loop once its loader exists (for warm-up ramps)."""
 
     def __init__(self, cfg: Config, model: nn.Module, splits: Splits, device: torch.device):
         super().__init__()
@@ -55,6 +75,11 @@ class Task(nn.Module):
 
     def extra_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
+
+    def train_loader(self, loader: BatchLoader) -> BatchLoader | PairedLoader:
+        """The loader the loop iterates: ``loader`` (the labelled training split) by default; a
+        task may pair it with a stream of its own (e.g. unlabelled transfer images)."""
+        return loader
 
     def training_step(self, model: nn.Module, batch: tuple, step: int) -> StepOutput:
         raise NotImplementedError

@@ -60,6 +60,8 @@ class ProtoNetArgs(Strict):
 class ProtoNetTask(Task):
     """Episodic prototypical-network training (see the module docstring)."""
 
+    args_model = ProtoNetArgs
+
     def __init__(self, cfg: Config, model: nn.Module, splits: Splits, device: torch.device):
         super().__init__(cfg, model, splits, device)
         self.args: ProtoNetArgs = validate(ProtoNetArgs, cfg.method_args, "method_args (protonet)")

@@ -104,6 +104,8 @@ def target_splits(target: DataConfig, source: DatasetInfo, source_name: str = "d
 class DannTask(Task):
     """Source cross-entropy + domain classification through a gradient reversal layer."""
 
+    args_model = DannArgs
+
     def __init__(self, cfg: Config, model: nn.Module, splits: Splits, device: torch.device):
         super().__init__(cfg, model, splits, device)
         _refuse_ddp("dann")

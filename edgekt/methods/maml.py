@@ -79,6 +79,8 @@ def inner_loop(trunk: nn.Module, params: Params, adapt_keys: list[str], xs: torc
 class MamlTask(EpisodicTask):
     """Meta-training with an explicit inner loop inside the engine's training step."""
 
+    args_model = MamlArgs
+
     def __init__(self, cfg: Config, model: nn.Module, splits: Splits, device: torch.device):
         args = validate(MamlArgs, cfg.method_args, "method_args (maml)")
         super().__init__(cfg, model, splits, device, args)

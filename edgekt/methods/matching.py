@@ -59,6 +59,8 @@ class FullContext(nn.Module):
 class MatchingTask(EpisodicTask):
     """Episodic training with the attention classifier (NLL of the attended label mix)."""
 
+    args_model = MatchingArgs
+
     def __init__(self, cfg: Config, model: nn.Module, splits: Splits, device: torch.device):
         args = validate(MatchingArgs, cfg.method_args, "method_args (matching)")
         super().__init__(cfg, model, splits, device, args)

@@ -229,6 +229,8 @@ def _refuse_ddp(method: str) -> None:
 class MultiTaskTask(Task):
     """Hard sharing or cross-stitch, fixed weights or GradNorm (see the module docstring)."""
 
+    args_model = MultiTaskArgs
+
     def __init__(self, cfg: Config, model: nn.Module, splits: Splits, device: torch.device):
         super().__init__(cfg, model, splits, device)
         _refuse_ddp("multitask")

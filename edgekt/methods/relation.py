@@ -55,6 +55,8 @@ class RelationModule(nn.Module):
 class RelationTask(EpisodicTask):
     """Episodic training of the trunk and the relation module with MSE on relation scores."""
 
+    args_model = RelationArgs
+
     def __init__(self, cfg: Config, model: nn.Module, splits: Splits, device: torch.device):
         args = validate(RelationArgs, cfg.method_args, "method_args (relation)")
         super().__init__(cfg, model, splits, device, args)

@@ -68,6 +68,8 @@ class PairScorer(nn.Module):
 class SiameseTask(EpisodicTask):
     """Pair-wise BCE training; episodes only for evaluation."""
 
+    args_model = SiameseArgs
+
     def __init__(self, cfg: Config, model: nn.Module, splits: Splits, device: torch.device):
         args = validate(SiameseArgs, cfg.method_args, "method_args (siamese)")
         super().__init__(cfg, model, splits, device, args)

@@ -33,9 +33,14 @@ class StudentSpec(Strict):
     losses: list[dict[str, Any]] = Field(
         default_factory=lambda: [{"name": "hinton_kd", "temperature": 4.0}])
     """KD loss terms (see `edgekt distill`); an empty list trains the student from scratch."""
+    distill: dict[str, Any] = Field(default_factory=dict)
+    """Further ``method_args`` of the distillation (``mix``, ``ce_weight``, ``transfer``, ...)."""
     epochs: int = Field(3, gt=0)
     set: list[str] = Field(default_factory=list)
     """Extra overrides of the student's run config."""
+    scratch_twin: bool = True
+    """Also train the same student without a teacher (same model, epochs, seed, data and
+    augmentation), so the report shows what distillation bought."""
 
 
 class ExportSpec(Strict):

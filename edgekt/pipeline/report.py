@@ -61,6 +61,9 @@ def build_rows(teacher: dict[str, Any], students: dict[str, Any], exports: dict[
         })
     for row in rows:
         row["speedup_vs_teacher_eager"] = (base / row["p50_ms"]) if base and row["p50_ms"] else None
+        twin = trained[row["name"]].get("scratch") or {}
+        row["scratch_acc"] = twin.get("test_acc")
+        row["kd_gain_pt"] = trained[row["name"]].get("kd_gain_pt")
     for device in {r["device"] for r in rows}:
         ok = [r for r in rows if r["device"] == device and r["p50_ms"] and r["test_acc"]]
         for r, front in zip(ok, pareto_front([(r["p50_ms"], r["test_acc"]) for r in ok]),
@@ -85,10 +88,28 @@ def _size(export: dict[str, Any], art: dict[str, Any]) -> int | None:
         return None
 
 
-def markdown(rows: list[dict[str, Any]], teacher: dict[str, Any]) -> str:
+def gain_table(students: dict[str, Any]) -> str:
+    """What distillation bought: each KD student against its scratch twin (PyTorch, test split)."""
+    lines = ["| student | params | KD test acc | scratch twin test acc | KD gain (pt) |",
+             "|---|---|---|---|---|"]
+    for name, r in students.items():
+        twin = r.get("scratch")
+        if not twin:
+            continue
+        lines.append(f"| {name} | {r['params']:,} | {r['test_acc']:.4f} | {twin['test_acc']:.4f} "
+                     f"| {r['kd_gain_pt']:+.2f} |")
+    if len(lines) == 2:
+        return ""
+    return ("## What distillation bought\n\nEach distilled student against the same student "
+            "trained without a teacher (same model, epochs, seed, data and augmentation), "
+            "PyTorch test accuracy.\n\n" + "\n".join(lines) + "\n\n## Artifacts\n\n")
+
+
+def markdown(rows: list[dict[str, Any]], teacher: dict[str, Any],
+             students: dict[str, Any] | None = None) -> str:
     head = ("| model | runtime | precision | device | params | size (KB) | test acc | agreement "
-            "| p50 (ms) | p99 (ms) | speed-up vs teacher eager | Pareto |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+            "| scratch acc | KD gain (pt) | p50 (ms) | p99 (ms) | speed-up vs teacher eager "
+            "| Pareto |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
 
     def f(v: Any, fmt: str) -> str:
         return "-" if v is None else format(v, fmt)
@@ -97,13 +118,14 @@ def markdown(rows: list[dict[str, Any]], teacher: dict[str, Any]) -> str:
     for r in sorted(rows, key=lambda r: (r["device"], r["p50_ms"] or 1e9)):
         if r["status"] != "ok":
             lines.append(f"| {r['name']} | {r['runtime']} | {r['precision'] or '-'} | "
-                         f"{r['device']} | {r['params']} | - | - | - | {r['status']}: "
+                         f"{r['device']} | {r['params']} | - | - | - | - | - | {r['status']}: "
                          f"{(r.get('error') or '')[:60]} | - | - | - |")
             continue
         size = None if r["size_bytes"] is None else r["size_bytes"] / 1024
         lines.append(
             f"| {r['name']} | {r['runtime']} | {r['precision']} | {r['device']} | {r['params']:,} "
             f"| {f(size, '.0f')} | {f(r['test_acc'], '.4f')} | {f(r['agreement'], '.4f')} "
+            f"| {f(r.get('scratch_acc'), '.4f')} | {f(r.get('kd_gain_pt'), '+.2f')} "
             f"| {f(r['p50_ms'], '.3f')} | {f(r['p99_ms'], '.3f')} "
             f"| {f(r['speedup_vs_teacher_eager'], '.1f')}x "
             f"| {'**yes**' if r.get('pareto') else ''} |"
@@ -113,7 +135,7 @@ def markdown(rows: list[dict[str, Any]], teacher: dict[str, Any]) -> str:
              f"of the model call alone, each runtime profiled in its own process; the speed-up is "
              f"against the teacher in PyTorch eager on this machine. Pareto: no other row is "
              f"both faster and more accurate on the same device.\n\n")
-    return intro + head + "\n".join(lines) + "\n"
+    return intro + gain_table(students or {}) + head + "\n".join(lines) + "\n"
 
 
 def plots(rows: list[dict[str, Any]], run_dir: Path) -> list[str]:
@@ -134,6 +156,15 @@ def plots(rows: list[dict[str, Any]], run_dir: Path) -> list[str]:
                    edgecolors="red" if r.get("pareto") else "none")
         ax.annotate(f"{r['name']}", (r["p50_ms"], r["test_acc"] * 100), fontsize=7,
                     xytext=(3, 3), textcoords="offset points")
+    twins = [r for r in ok if r["runtime"] == "torch-eager" and r.get("scratch_acc")]
+    for r in twins:  # same architecture, so the same latency as the distilled student
+        ax.scatter(r["p50_ms"], r["scratch_acc"] * 100, marker="o", facecolors="none",
+                   edgecolors="tab:gray", s=50)
+        ax.plot([r["p50_ms"]] * 2, [r["scratch_acc"] * 100, r["test_acc"] * 100], c="tab:gray",
+                lw=0.8, ls=":")
+    if twins:
+        ax.scatter([], [], marker="o", facecolors="none", edgecolors="tab:gray",
+                   label="scratch twin (no teacher)")
     front = sorted((r["p50_ms"], r["test_acc"] * 100) for r in ok if r.get("pareto"))
     if front:
         ax.plot(*zip(*front, strict=True), "r--", lw=1, label="Pareto front")
@@ -177,5 +208,5 @@ def build_report(run_dir: Path, teacher: dict[str, Any], students: dict[str, Any
     slim = [{k: v for k, v in r.items() if k != "samples_ms"} for r in rows]
     atomic_write_text(run_dir / "report.json", json.dumps(
         {"teacher": teacher, "students": students, "rows": slim}, indent=2))
-    atomic_write_text(run_dir / "report.md", markdown(rows, teacher))
+    atomic_write_text(run_dir / "report.md", markdown(rows, teacher, students))
     return {"files": ["report.md", "report.json", *files], "rows": len(rows)}

@@ -53,10 +53,12 @@ def stage_teacher(cfg: PipelineConfig, run_dir: Path, fresh: bool) -> dict[str, 
                   run_dir / "teacher", fresh)
 
 
-def student_overrides(cfg: PipelineConfig, s: StudentSpec, teacher_ckpt: str) -> list[str]:
-    method = ["method=supervised"] if not s.losses else [
+def student_overrides(cfg: PipelineConfig, s: StudentSpec, teacher_ckpt: str | None
+                      ) -> list[str]:
+    """The student's run overrides; ``teacher_ckpt=None`` gives its scratch twin."""
+    method = ["method=supervised", "method_args={}"] if not s.losses or teacher_ckpt is None else [
         "method=distill",
-        "method_args=" + json.dumps({"teacher": {"checkpoint": teacher_ckpt},
+        "method_args=" + json.dumps({**s.distill, "teacher": {"checkpoint": teacher_ckpt},
                                      "losses": s.losses}),
     ]
     return [*method, f"model.name={s.model}", f"model.kwargs={json.dumps(s.kwargs)}",
@@ -67,17 +69,30 @@ def stage_students(cfg: PipelineConfig, run_dir: Path, teacher: dict[str, Any], 
                    ) -> dict[str, Any]:
     out = {}
     for s in cfg.students:
-        sdir = run_dir / "students" / s.name
-        key = input_hash(s.model_dump(), cfg.data, teacher["sha256"])
-        marker = sdir / "pipeline.json"
-        # A student whose inputs changed starts over; an unfinished one resumes from last.pt.
-        stale = marker.exists() and json.loads(marker.read_text())["hash"] != key
-        res = _train(resolve_config_path(s.config),
-                     student_overrides(cfg, s, teacher["checkpoint"]), sdir,
-                     fresh=fresh or stale)
-        atomic_write_text(marker, json.dumps({"hash": key}))
+        res = _train_student(cfg, s, run_dir / "students" / s.name, teacher, fresh)
+        if s.losses and s.scratch_twin:
+            twin = _train_student(cfg, s, run_dir / "students" / f"{s.name}.scratch", None, fresh)
+            res["scratch"] = twin
+            res["kd_gain_pt"] = 100.0 * (res["test_acc"] - twin["test_acc"])
         out[s.name] = res
     return out
+
+
+def _train_student(cfg: PipelineConfig, s: StudentSpec, sdir: Path,
+                   teacher: dict[str, Any] | None, fresh: bool) -> dict[str, Any]:
+    """One student run (its scratch twin when ``teacher`` is None), resumable on its own."""
+    spec = s.model_dump(exclude={"scratch_twin"})
+    if teacher is None:
+        spec = {k: v for k, v in spec.items() if k not in ("losses", "distill")}
+    key = input_hash(spec, cfg.data, teacher["sha256"] if teacher else "scratch")
+    marker = sdir / "pipeline.json"
+    # A student whose inputs changed starts over; an unfinished one resumes from last.pt.
+    stale = marker.exists() and json.loads(marker.read_text())["hash"] != key
+    res = _train(resolve_config_path(s.config),
+                 student_overrides(cfg, s, teacher["checkpoint"] if teacher else None), sdir,
+                 fresh=fresh or stale)
+    atomic_write_text(marker, json.dumps({"hash": key}))
+    return res
 
 
 def stage_export(cfg: PipelineConfig, run_dir: Path, teacher: dict[str, Any],
@@ -176,7 +191,7 @@ def run_pipeline(cfg: PipelineConfig, *, redo_from: str | None = None,
 
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "pipeline.yaml").write_text(json.dumps(cfg.model_dump(), indent=2))
+    atomic_write_text(run_dir / "pipeline.yaml", json.dumps(cfg.model_dump(), indent=2))
     st = StageRunner(run_dir, redo_from, log)
     teacher_key = input_hash(cfg.teacher.model_dump(), cfg.data, _file_text(cfg.teacher.config))
     teacher = st.run("teacher", teacher_key, lambda fresh: stage_teacher(cfg, run_dir, fresh))
