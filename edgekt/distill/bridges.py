@@ -121,27 +121,3 @@ def _all_gather(v: torch.Tensor) -> torch.Tensor:
     out = [torch.empty_like(v) for _ in range(dist.get_world_size())]
     dist.all_gather(out, v.contiguous())
     return torch.cat(out)
-
-
-def sync_across_ranks(module: nn.Module) -> None:
-    """Under DDP, start ``module`` from rank 0's state and average its gradients over ranks
-    after each backward.
-
-    DDP only synchronises the wrapped student; the task's own trainable parts (adapters, CRD
-    projections) would otherwise be initialised with each rank's seed and drift apart. Averaging
-    after every micro-step is also correct with gradient accumulation (the already-averaged part
-    is equal on all ranks).
-    """
-    if not _distributed():
-        return
-    world = dist.get_world_size()
-    for tensor in [*module.parameters(), *module.buffers()]:
-        dist.broadcast(tensor.data, 0)
-    params = [p for p in module.parameters() if p.requires_grad]
-
-    def hook(p: torch.Tensor) -> None:
-        dist.all_reduce(p.grad)
-        p.grad.div_(world)
-
-    for p in params:
-        p.register_post_accumulate_grad_hook(hook)

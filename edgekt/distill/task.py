@@ -23,7 +23,7 @@ from edgekt.config import Config, Strict, validate
 from edgekt.data import BatchLoader, Splits, make_loader
 from edgekt.data.base import PairedLoader
 from edgekt.distill import cache as tcache
-from edgekt.distill.bridges import Adapter, CRDMemory, sync_across_ranks
+from edgekt.distill.bridges import Adapter, CRDMemory
 from edgekt.distill.losses import KD_LOSSES, KDLoss
 from edgekt.distill.mixing import Mix, mix_batch
 from edgekt.distill.taps import FeatureTaps
@@ -173,7 +173,6 @@ class DistillTask(Task):
             key = term.name if unique else f"{term.name}{i}"
             self.terms.append(Term(key, spec, term, fn_opts, bridge))
 
-        sync_across_ranks(self.terms)
         self.teacher.to(device)
         if cfg.train.channels_last and device.type == "cuda":
             self.teacher.to(memory_format=torch.channels_last)

@@ -29,7 +29,7 @@ from edgekt.engine.setup import (
     set_train_mode,
     to_device,
 )
-from edgekt.engine.tasks import Task, check_method_args, get_method
+from edgekt.engine.tasks import StepModule, Task, check_method_args, get_method
 from edgekt.errors import EdgektError
 from edgekt.models import EdgeNet, count_params
 
@@ -103,7 +103,10 @@ class Trainer:
         self.val_loader = make_loader(self.splits.val, info, cfg.data, train=False,
                                       rank=self.rt.rank, world=self.rt.world)
         self.steps_per_epoch = -(-len(self.train_loader) // cfg.train.grad_accum)
-        self.task.steps_per_epoch = self.steps_per_epoch
+        task = self.task
+        task.steps_per_epoch, task.total_steps = self.steps_per_epoch, \
+            self.steps_per_epoch * cfg.train.epochs
+        task.rank, task.world = self.rt.rank, self.rt.world
         groups = param_groups(self.model, cfg.optim, self.task.extra_parameters())
         self.opt = build_optimizer(groups, cfg.optim)
         self.sched = build_scheduler(self.opt, cfg.sched, self.steps_per_epoch, cfg.train.epochs)
@@ -115,12 +118,14 @@ class Trainer:
             self.ema = AveragedModel(self.model, multi_avg_fn=ema_update(cfg.train.ema),
                                      use_buffers=True)
         self.eval_model: EdgeNet = self.model if self.ema is None else self.ema.module
-        self.fwd_model: nn.Module = self.model
-        if cfg.train.compile:
-            self.fwd_model = torch.compile(self.fwd_model)
+        fwd_model = torch.compile(self.model) if cfg.train.compile else self.model
+        # DDP wraps the model *and* the task: methods may call any part of the model and own
+        # trainable modules of their own; all of it is synchronised across ranks.
+        self.stepper: nn.Module = StepModule(fwd_model, self.task)
         if self.rt.distributed:
             ids = [self.rt.device.index] if self.rt.device.type == "cuda" else None
-            self.fwd_model = nn.parallel.DistributedDataParallel(self.fwd_model, device_ids=ids)
+            self.stepper = nn.parallel.DistributedDataParallel(
+                self.stepper, device_ids=ids, find_unused_parameters=self.task.ddp_find_unused)
         self.epoch, self.batch, self.step = 0, 0, 0
         self.running = {"loss": 0.0, "correct": 0, "seen": 0, "time": 0.0}
         self.best_acc = -1.0
@@ -233,10 +238,10 @@ class Trainer:
 
     def _micro_step(self, batch: tuple, boundary: bool) -> None:
         cfg, rt = self.cfg, self.rt
-        sync = boundary or not isinstance(self.fwd_model, nn.parallel.DistributedDataParallel)
-        ctx = torch.enable_grad() if sync else self.fwd_model.no_sync()
+        sync = boundary or not isinstance(self.stepper, nn.parallel.DistributedDataParallel)
+        ctx = torch.enable_grad() if sync else self.stepper.no_sync()
         with ctx, rt.autocast():
-            out = self.task.training_step(self.fwd_model, batch, self.step)
+            out = self.stepper(batch, self.step)
         loss = out.loss
         if not torch.isfinite(loss):
             raise EdgektError(

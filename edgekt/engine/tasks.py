@@ -66,7 +66,14 @@ class Task(nn.Module):
     needs_index: bool = False
     """Ask the loader for each sample's dataset position (e.g. for a teacher-output cache)."""
     steps_per_epoch: int = 1
-    """Optimiser steps per epoch, set by the loop once its loader exists (for warm-up ramps)."""
+    """Optimiser steps per epoch; the loop sets it, with ``total_steps``, ``rank`` and
+    ``world``, once its loader exists (warm-up ramps, schedules, per-rank episode streams)."""
+    total_steps: int = 1
+    rank: int = 0
+    world: int = 1
+    ddp_find_unused: ClassVar[bool] = True
+    """Under DDP, let some parameters go without a gradient in a step (e.g. the classifier head
+    of a method that trains on embeddings)."""
 
     def __init__(self, cfg: Config, model: nn.Module, splits: Splits, device: torch.device):
         super().__init__()
@@ -95,9 +102,24 @@ class Task(nn.Module):
         return {}
 
 
+class StepModule(nn.Module):
+    """The model and the task as one module: what DDP wraps, so every trainable part (the model,
+    adapters, relation modules, domain classifiers) is broadcast at start and all-reduced after
+    each backward, whatever parts of the model the task calls."""
+
+    def __init__(self, model: nn.Module, task: Task) -> None:
+        super().__init__()
+        self.model, self.task = model, task
+
+    def forward(self, batch: tuple, step: int) -> StepOutput:
+        return self.task.training_step(self.model, batch, step)
+
+
 @METHODS.register("supervised")
 class SupervisedTask(Task):
     """Plain cross-entropy classification (teachers, students from scratch, fine-tuning)."""
+
+    ddp_find_unused = False
 
     def training_step(self, model: nn.Module, batch: tuple, step: int) -> StepOutput:
         x, y = batch[0], batch[1]

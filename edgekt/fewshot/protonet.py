@@ -101,10 +101,8 @@ class ProtoNetTask(Task):
     def _next_episode_index(self) -> int:
         drawn = int(self.episodes_drawn.item())
         self.episodes_drawn += 1
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            # Each rank draws its own episodes: interleave the index sequence across ranks.
-            return drawn * torch.distributed.get_world_size() + torch.distributed.get_rank()
-        return drawn
+        # Each rank draws its own episodes: interleave the index sequence across ranks.
+        return drawn * self.world + self.rank
 
     def _forward(self, model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Embeddings and head logits from one ``model(x)`` call.

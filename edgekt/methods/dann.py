@@ -28,7 +28,7 @@ from edgekt.engine.fit import evaluate
 from edgekt.engine.runtime import Runtime
 from edgekt.engine.tasks import METHODS, StepOutput, Task
 from edgekt.errors import EdgektError
-from edgekt.methods.multitask import _refuse_ddp, _unwrap
+from edgekt.methods.multitask import _unwrap
 
 
 class GradReverse(torch.autograd.Function):
@@ -108,21 +108,21 @@ class DannTask(Task):
 
     def __init__(self, cfg: Config, model: nn.Module, splits: Splits, device: torch.device):
         super().__init__(cfg, model, splits, device)
-        _refuse_ddp("dann")
         self.args: DannArgs = validate(DannArgs, cfg.method_args, "method_args")
         self.device = device
         self.target, self.target_info = target_splits(self.args.target, splits.info)
         self.domain = DomainClassifier(model.embedding_dim, self.args.hidden)
         # Target stream position (epoch, batch): saved so a resumed run sees the same batches.
         self.register_buffer("target_pos", torch.zeros(2, dtype=torch.long))
-        self._loader = make_loader(self.target.train, self.target_info, cfg.data, train=True,
-                                   seed=cfg.train.seed + 1)
+        self._loader: Any = None  # built on first use, when the loop has set rank and world
         self._iter: Any = None
-        batches = -(-len(splits.train) // cfg.data.batch_size)
-        self.total_steps = max(1, -(-batches // cfg.train.grad_accum) * cfg.train.epochs)
 
     def _target_batch(self) -> torch.Tensor:
         """Next unlabelled target batch, cycling through the target training split."""
+        if self._loader is None:  # each rank reads its own shard of the target stream
+            self._loader = make_loader(self.target.train, self.target_info, self.cfg.data,
+                                       train=True, seed=self.cfg.train.seed + 1, rank=self.rank,
+                                       world=self.world)
         while True:
             if self._iter is None:
                 self._loader.set_epoch(int(self.target_pos[0]))

@@ -23,7 +23,6 @@ from edgekt.data import DatasetInfo, Splits, TensorSplit
 from edgekt.engine.tasks import StepOutput, Task
 from edgekt.fewshot.episodes import Episode, EpisodeSampler, EpisodeSpec, normalise
 from edgekt.fewshot.evaluate import FewShotResult, mean_ci95, run_episodes
-from edgekt.methods.multitask import _refuse_ddp as refuse_ddp
 
 TorchClassifier = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
 """(support embeddings, support labels, query embeddings, n_way) -> (Q, n_way) scores."""
@@ -43,7 +42,7 @@ class EpisodeArgs(Strict):
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The EdgeNet behind DDP / torch.compile wrappers."""
+    """The EdgeNet behind a torch.compile wrapper."""
     while hasattr(model, "module") or hasattr(model, "_orig_mod"):
         model = getattr(model, "module", None) or model._orig_mod
     return model
@@ -126,7 +125,6 @@ class EpisodicTask(Task):
     def __init__(self, cfg: Config, model: nn.Module, splits: Splits, device: torch.device,
                  args: EpisodeArgs) -> None:
         super().__init__(cfg, model, splits, device)
-        refuse_ddp(cfg.method)
         self.args, self.device = args, device
         self.spec = EpisodeSpec(args.n_way, args.k_shot, args.n_query)
         self.split, self.info = splits.train, splits.info
@@ -139,7 +137,8 @@ class EpisodicTask(Task):
     def next_episode(self) -> tuple[Episode, torch.Tensor, torch.Tensor, torch.Tensor,
                                     torch.Tensor]:
         """The next training episode: (episode, xs, ys, xq, yq) on the task's device."""
-        ep = self.sampler.sample(int(self.episodes_drawn))
+        # Under DDP each rank draws its own episodes: the index sequence interleaves the ranks.
+        ep = self.sampler.sample(int(self.episodes_drawn) * self.world + self.rank)
         self.episodes_drawn += 1
         d = self.device
         return (ep, normalise(self.split.images[ep.support], self.info).to(d),

@@ -214,15 +214,9 @@ class MultiTaskNet(nn.Module):
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    """The EdgeNet behind torch.compile (and DDP, which multitask refuses)."""
+    """The EdgeNet behind a torch.compile wrapper."""
     model = getattr(model, "_orig_mod", model)
     return getattr(model, "module", model)
-
-
-def _refuse_ddp(method: str) -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        raise EdgektError(f"method {method!r} calls the model's parts directly and does not "
-                          f"support multi-process (DDP) training yet; run it on one device")
 
 
 @METHODS.register("multitask")
@@ -233,7 +227,6 @@ class MultiTaskTask(Task):
 
     def __init__(self, cfg: Config, model: nn.Module, splits: Splits, device: torch.device):
         super().__init__(cfg, model, splits, device)
-        _refuse_ddp("multitask")
         self.args: MultiTaskArgs = validate(MultiTaskArgs, cfg.method_args, "method_args")
         n = splits.info.num_classes
         self.defs = resolve_tasks(self.args, n)
