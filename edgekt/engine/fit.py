@@ -31,6 +31,7 @@ from edgekt.engine.setup import (
 )
 from edgekt.engine.tasks import StepModule, Task, check_method_args, get_method
 from edgekt.errors import EdgektError
+from edgekt.io import atomic_write_text
 from edgekt.models import EdgeNet, count_params
 
 console = Console(stderr=True)
@@ -311,7 +312,7 @@ class Trainer:
         metrics.update({f"test_{k}": v for k, v in test.items() if k not in ("loss", "acc")})
         if self.rt.is_main:
             self.save("last.pt", metrics)
-            (self.run_dir / "summary.json").write_text(json.dumps(metrics, indent=2))
+            atomic_write_text(self.run_dir / "summary.json", json.dumps(metrics, indent=2))
             console.print(f"test_acc {test['acc']:.4f}  (run dir: {self.run_dir})")
             self.log.close()
         teardown_runtime(self.rt)
