@@ -51,7 +51,7 @@ def test_resolved_config_round_trips(tmp_path):
     cfg = load_config(None, ["model.name=cnn_m", "finetune.freeze=2"])
     dump_config(cfg, tmp_path / "resolved.yaml")
     again = load_config(tmp_path / "resolved.yaml")
-    assert again == cfg and isinstance(again, Config) and again.finetune.freeze == 2
+    assert again.model_dump() == cfg.model_dump() and again.finetune.freeze == 2
 
 
 def test_example_configs_are_valid():

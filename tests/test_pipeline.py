@@ -113,3 +113,19 @@ def test_bad_pipeline_configs(tmp_path):
     with pytest.raises(EdgektError, match="--from"):
         run_pipeline(load_pipeline_config(None, "quick", [f"run_dir={tmp_path / 'r'}"]),
                      redo_from="nope", log=quiet)
+
+
+def test_scratch_twin_of_a_transfer_student_gets_the_same_steps(tmp_path):
+    from edgekt.pipeline.run import _same_steps_epochs
+
+    cfg_file = tmp_path / "p.yaml"
+    cfg_file.write_text(
+        "data: {name: fashion-mnist, limit: 600, val_fraction: 0.02}\n"
+        "students:\n"
+        "  - name: few\n    model: cnn_xs\n    epochs: 1\n"
+        "    distill: {transfer: train}\n"
+        "    set: [data.label_fraction=0.1, data.batch_size=32]\n")
+    cfg = load_pipeline_config(cfg_file, None, [])
+    # 60 labelled images in batches of 32: 2 steps per scratch epoch; the KD run took 19 steps
+    # (one pass over 600 transfer images).
+    assert _same_steps_epochs(cfg, cfg.students[0], {"steps": 19}) == 10

@@ -77,7 +77,8 @@ class DistillOptions(Strict):
     """Beta(alpha, alpha) of the mixing ratio."""
     transfer: str | None = None
     """A dataset whose images (labels ignored) the student also learns from the teacher on: any
-    dataset name, or ``imagefolder:PATH`` (class folders, or images directly in PATH). Its
+    dataset name, ``train`` (all training images of ``data.name``, e.g. with
+    ``data.label_fraction``), or ``imagefolder:PATH`` (class folders, or images in PATH). Its
     training split is used (``data.limit`` applies to it too), so validation and test images
     never leak in."""
     transfer_batch_size: int | None = Field(None, gt=0)

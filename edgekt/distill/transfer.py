@@ -16,12 +16,15 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".ti
 
 
 def transfer_split(spec: str, data: DataConfig, info: DatasetInfo) -> TensorSplit:
-    """The transfer images named by ``spec`` (``method_args.transfer``), labels set to 0.
+    """The transfer images named by ``spec`` (``method_args.transfer``; ``train`` is the
+    student's own dataset, all of its training images), labels set to 0.
 
     A dataset's *training* split is used (the same deterministic validation hold-out as the
     student's data), so no validation or test image reaches the student through the teacher.
     """
     where = f"method_args.transfer {spec!r}"
+    if spec == "train":
+        spec = data.name
     if spec.startswith("imagefolder:") and _is_flat(Path(spec.split(":", 1)[1])):
         images = flat_images(Path(spec.split(":", 1)[1]), info)
     else:

@@ -40,7 +40,8 @@ class StudentSpec(Strict):
     """Extra overrides of the student's run config."""
     scratch_twin: bool = True
     """Also train the same student without a teacher (same model, epochs, seed, data and
-    augmentation), so the report shows what distillation bought."""
+    augmentation), so the report shows what distillation bought. With a ``transfer`` set the
+    twin trains for as many optimiser steps as the distilled run instead of as many epochs."""
 
 
 class ExportSpec(Strict):

@@ -34,7 +34,7 @@ def _train(cfg_path: Path, overrides: list[str], run_dir: Path, fresh: bool) -> 
     summary = json.loads(done.read_text())
     return {"checkpoint": str(best), "sha256": file_sha256(best), "model": ck["model"]["name"],
             "params": summary["params"], "test_acc": summary["test_acc"],
-            "best_val_acc": summary["best_val_acc"]}
+            "best_val_acc": summary["best_val_acc"], "steps": summary["step"]}
 
 
 def stage_teacher(cfg: PipelineConfig, run_dir: Path, fresh: bool) -> dict[str, Any]:
@@ -71,11 +71,26 @@ def stage_students(cfg: PipelineConfig, run_dir: Path, teacher: dict[str, Any], 
     for s in cfg.students:
         res = _train_student(cfg, s, run_dir / "students" / s.name, teacher, fresh)
         if s.losses and s.scratch_twin:
-            twin = _train_student(cfg, s, run_dir / "students" / f"{s.name}.scratch", None, fresh)
+            twin_spec = s
+            if s.distill.get("transfer"):  # an epoch there is a pass over the unlabelled set
+                twin_spec = s.model_copy(update={"epochs": _same_steps_epochs(cfg, s, res)})
+            twin = _train_student(cfg, twin_spec, run_dir / "students" / f"{s.name}.scratch",
+                                  None, fresh)
             res["scratch"] = twin
             res["kd_gain_pt"] = 100.0 * (res["test_acc"] - twin["test_acc"])
         out[s.name] = res
     return out
+
+
+def _same_steps_epochs(cfg: PipelineConfig, s: StudentSpec, kd: dict[str, Any]) -> int:
+    """Epochs of the scratch twin of a transfer-set student that give it as many optimiser
+    steps as the distilled run (whose epochs are passes over the unlabelled images)."""
+    from edgekt.data import build_splits
+
+    run_cfg = load_config(resolve_config_path(s.config), student_overrides(cfg, s, None))
+    n = len(build_splits(run_cfg.data).train)
+    per_epoch = -(-n // (run_cfg.data.batch_size * run_cfg.train.grad_accum))
+    return max(1, -(-kd["steps"] // per_epoch))
 
 
 def _train_student(cfg: PipelineConfig, s: StudentSpec, sdir: Path,
