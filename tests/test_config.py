@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from edgekt.config import Config, apply_overrides, dump_config, load_config
+from edgekt.config import apply_overrides, dump_config, load_config
 from edgekt.errors import EdgektError
 
 
