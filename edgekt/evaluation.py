@@ -7,9 +7,9 @@ from typing import Any
 
 import torch
 
+from edgekt.checkpoint import load_checkpoint
 from edgekt.config import Config, DataConfig, validate
 from edgekt.data import build_splits, make_loader
-from edgekt.engine.checkpoint import load_checkpoint
 from edgekt.engine.fit import evaluate
 from edgekt.engine.runtime import Runtime, select_device
 from edgekt.engine.setup import model_from_checkpoint

@@ -84,7 +84,7 @@ def export_package(
     Returns:
         The manifest written to ``out_dir/manifest.json``.
     """
-    from edgekt.engine.checkpoint import file_sha256, load_checkpoint
+    from edgekt.checkpoint import file_sha256, load_checkpoint
     from edgekt.engine.setup import model_from_checkpoint
     from edgekt.exporters.calib import build_eval_data
     from edgekt.exporters.meta import build_meta

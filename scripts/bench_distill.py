@@ -31,11 +31,11 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 
+from edgekt.checkpoint import load_checkpoint
 from edgekt.config import Config, DataConfig, load_config
 from edgekt.data import Splits, build_splits, make_loader
 from edgekt.distill.losses import KD_LOSSES
 from edgekt.engine import Trainer, fit
-from edgekt.engine.checkpoint import load_checkpoint
 from edgekt.engine.setup import build_model, model_from_checkpoint
 from edgekt.models import count_params
 

@@ -46,7 +46,7 @@ def worker(kind: str, path: str, x_path: str, threads: int, runs: int, config: s
         import torch
 
         torch.set_num_threads(threads)
-        from edgekt.engine.checkpoint import load_checkpoint
+        from edgekt.checkpoint import load_checkpoint
         from edgekt.engine.setup import model_from_checkpoint
 
         model, _ = model_from_checkpoint(load_checkpoint(path))
@@ -146,8 +146,8 @@ def bench_model(role: str, ckpt: Path, work: Path, args: argparse.Namespace) -> 
 
 def _sample_path(manifest, work: Path, role: str) -> Path:
     """One real test image, normalised exactly as the embedded metadata says."""
+    from edgekt.checkpoint import load_checkpoint
     from edgekt.data import build_splits
-    from edgekt.engine.checkpoint import load_checkpoint
     from edgekt.evaluation import checkpoint_data_config
 
     ckpt = load_checkpoint(manifest.source["checkpoint"])

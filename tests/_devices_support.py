@@ -40,7 +40,7 @@ def build(root: Path, checkpoint: Path, splits) -> DeviceModels:
     import openvino as ov
     import torch
 
-    from edgekt.engine.checkpoint import load_checkpoint
+    from edgekt.checkpoint import load_checkpoint
     from edgekt.engine.setup import model_from_checkpoint
     from edgekt.exporters.meta import build_meta
     from edgekt.exporters.onnx_export import export_onnx

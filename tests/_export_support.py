@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from edgekt.engine.checkpoint import load_checkpoint, save_checkpoint
+from edgekt.checkpoint import load_checkpoint, save_checkpoint
 
 
 def outlier_checkpoint(src: Path, dst: Path, scale: float = 1000.0) -> Path:

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from edgekt.engine.checkpoint import (
+from edgekt.checkpoint import (
     load_checkpoint,
     rng_state,
     save_checkpoint,

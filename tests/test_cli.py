@@ -12,10 +12,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from edgekt.checkpoint import load_checkpoint
 from edgekt.cli.app import app
 from edgekt.config import load_config
 from edgekt.engine import fit
-from edgekt.engine.checkpoint import load_checkpoint
 
 EDGEKT = str(Path(sys.executable).with_name("edgekt"))
 TINY = ["--set", "model.name=cnn_xs", "--set", "train.threads=1", "--set", "data.val_fraction=0.02",

@@ -23,8 +23,8 @@ def test_camera_shift_changes_images_in_place_of_the_camera():
 def test_simulate_cli_writes_matrix_and_metrics(tmp_path, tiny_checkpoint):
     import torch
 
+    from edgekt.checkpoint import load_checkpoint
     from edgekt.continual.simulate import grid_embedding
-    from edgekt.engine.checkpoint import load_checkpoint
     from edgekt.engine.setup import model_from_checkpoint
     from edgekt.exporters.meta import build_meta
     from edgekt.exporters.onnx_export import export_onnx

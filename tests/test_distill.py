@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from edgekt.checkpoint import load_checkpoint, save_checkpoint
 from edgekt.config import load_config
 from edgekt.data import Splits
 from edgekt.distill.task import DistillTask
 from edgekt.engine import Trainer, fit
-from edgekt.engine.checkpoint import load_checkpoint, save_checkpoint
 from edgekt.errors import EdgektError
 
 torch.set_num_threads(1)

@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from edgekt.checkpoint import load_checkpoint
 from edgekt.config import DataConfig, load_config
 from edgekt.data import Splits, build_splits, make_loader
 from edgekt.data.base import random_erasing
 from edgekt.distill.mixing import mix_batch
 from edgekt.engine import Trainer, fit
-from edgekt.engine.checkpoint import load_checkpoint
 from edgekt.errors import EdgektError
 
 BASE = ["train.progress=false", "train.threads=1", "data.batch_size=64", "optim.lr=0.005",

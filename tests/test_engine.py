@@ -1,9 +1,9 @@
 import pytest
 import torch
 
+from edgekt.checkpoint import load_checkpoint
 from edgekt.config import load_config
 from edgekt.engine import fit
-from edgekt.engine.checkpoint import load_checkpoint
 from edgekt.engine.fit import Trainer
 from edgekt.engine.optim import param_groups
 from edgekt.engine.tasks import StepOutput, SupervisedTask

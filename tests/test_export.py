@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from edgekt.engine.checkpoint import file_sha256
+from edgekt.checkpoint import file_sha256
 from edgekt.exporters import Manifest, export_package
 from edgekt.exporters.base import get_exporter
 from edgekt.metadata import ModelMeta
@@ -85,7 +85,7 @@ class TestOnnxExporter(ExporterContract):
     def test_plain_onnxruntime_reproduces_edgekt_from_raw_images(self, package, fashion_splits,
                                                                  tmp_path, tiny_checkpoint):
         """An app with only onnxruntime + numpy (no edgekt, no torch) gets the same answers."""
-        from edgekt.engine.checkpoint import load_checkpoint
+        from edgekt.checkpoint import load_checkpoint
         from edgekt.engine.setup import model_from_checkpoint
         from edgekt.exporters.calib import normalised, torch_outputs
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from edgekt.engine.checkpoint import load_checkpoint, save_checkpoint
+from edgekt.checkpoint import load_checkpoint, save_checkpoint
 from edgekt.errors import EdgektError
 from edgekt.exporters import Manifest, export_package
 from edgekt.exporters.onnx_export import OrtRunner, locate_export_failure

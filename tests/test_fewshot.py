@@ -169,10 +169,10 @@ def _episode_acc(model, split, info) -> float:
 
 
 def test_protonet_training_improves_novel_episode_accuracy(tmp_path):
+    from edgekt.checkpoint import load_checkpoint
     from edgekt.config import DataConfig
     from edgekt.data import build_splits
     from edgekt.engine import fit
-    from edgekt.engine.checkpoint import load_checkpoint
     from edgekt.engine.setup import build_model, model_from_checkpoint
 
     splits = _base_splits()
@@ -194,7 +194,7 @@ def test_protonet_training_improves_novel_episode_accuracy(tmp_path):
 
 
 def test_protonet_resume_draws_the_same_episodes(tmp_path):
-    from edgekt.engine.checkpoint import load_checkpoint
+    from edgekt.checkpoint import load_checkpoint
     from edgekt.engine.fit import Trainer
 
     splits = _base_splits()
@@ -245,7 +245,7 @@ def test_example_configs_validate():
 
 
 def test_protonet_starts_from_a_distilled_students_backbone(tiny_checkpoint, tmp_path):
-    from edgekt.engine.checkpoint import load_checkpoint
+    from edgekt.checkpoint import load_checkpoint
     from edgekt.engine.fit import Trainer
 
     cfg = _proto_cfg(tmp_path / "ft", f"model.weights={tiny_checkpoint}", "finetune.new_head=true")

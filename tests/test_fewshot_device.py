@@ -50,7 +50,7 @@ def proto_run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def embedding_onnx(proto_run, tmp_path_factory) -> Path:
     """The checkpoint's embedding exported to one .onnx file with edgekt metadata."""
-    from edgekt.engine.checkpoint import load_checkpoint
+    from edgekt.checkpoint import load_checkpoint
     from edgekt.engine.setup import model_from_checkpoint
     from edgekt.exporters.meta import build_meta
     from edgekt.exporters.onnx_export import export_onnx

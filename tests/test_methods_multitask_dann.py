@@ -10,10 +10,10 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from edgekt.checkpoint import load_checkpoint
 from edgekt.config import DataConfig, load_config
 from edgekt.data import build_splits
 from edgekt.engine import fit
-from edgekt.engine.checkpoint import load_checkpoint
 from edgekt.errors import EdgektError
 from edgekt.methods.dann import dann_lambda, grad_reverse, target_splits
 from edgekt.methods.multitask import (

@@ -51,7 +51,7 @@ def distill(
     m = result.metrics
     if "test_acc" not in m:
         return
-    from edgekt.engine.checkpoint import load_checkpoint
+    from edgekt.checkpoint import load_checkpoint
 
     teacher = load_checkpoint(result.run_dir / "last.pt")["method"]["teacher"]
     t = Table(title="distillation", show_header=True)

@@ -231,9 +231,9 @@ def pretrain_backbone(source: str, out_dir: Path, *, model: str = "cnn_s", epoch
     experience of the class-incremental stream). Neither sees a later class, so the
     class-incremental numbers carry no leak from the future.
     """
+    from edgekt.checkpoint import file_sha256, load_checkpoint
     from edgekt.config import load_config
     from edgekt.engine import fit
-    from edgekt.engine.checkpoint import file_sha256, load_checkpoint
     from edgekt.engine.setup import model_from_checkpoint
     from edgekt.exporters.meta import build_meta
     from edgekt.exporters.onnx_export import export_onnx

@@ -11,9 +11,9 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
+from edgekt.checkpoint import file_sha256, load_checkpoint
 from edgekt.config import Strict
 from edgekt.data import DatasetInfo
-from edgekt.engine.checkpoint import file_sha256, load_checkpoint
 from edgekt.engine.setup import model_from_checkpoint
 from edgekt.errors import EdgektError
 from edgekt.models import count_params, create_model, load_weights

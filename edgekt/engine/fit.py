@@ -16,9 +16,9 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
 import edgekt
+from edgekt.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from edgekt.config import Config, dump_config
 from edgekt.data import BatchLoader, Splits, build_splits, make_loader
-from edgekt.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from edgekt.engine.metrics import MetricsLog
 from edgekt.engine.optim import build_optimizer, build_scheduler, param_groups
 from edgekt.engine.runtime import Runtime, setup_runtime, teardown_runtime

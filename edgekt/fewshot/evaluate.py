@@ -269,7 +269,7 @@ def fewshot_evaluate(checkpoint: str | Path, *, package: str | Path | None = Non
     """The whole protocol on a checkpoint (and, with ``package``, on its exported embedding
     model through ``edgekt.devices``): accuracy ± 95% CI per shot, host/device agreement,
     and open-set false-accept/false-reject rates of a base-calibrated threshold."""
-    from edgekt.engine.checkpoint import load_checkpoint
+    from edgekt.checkpoint import load_checkpoint
 
     setup = FewShotSetup.from_checkpoint(load_checkpoint(checkpoint), str(checkpoint), transform)
     novel_split = setup.novel_split(dataset, novel, split, data_dir)

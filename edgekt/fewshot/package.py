@@ -13,9 +13,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from edgekt.checkpoint import load_checkpoint
 from edgekt.data import build_splits
 from edgekt.devices.fewshot import OpenSetRates, PrototypeClassifier, default_state_path
-from edgekt.engine.checkpoint import load_checkpoint
 from edgekt.errors import EdgektError
 from edgekt.fewshot.evaluate import FewShotSetup, embed_in_chunks, raw_images
 

@@ -190,9 +190,9 @@ def evaluate_checkpoint(path: str | Path, *, novel_classes: list[int], ways: int
     (siamese scores, matching attention, relation module, MAML adaptation) on the test images
     of ``novel_classes`` of its dataset; same episodes as ``edgekt fewshot eval`` (which uses
     the device's nearest-prototype rule on the embedding)."""
+    from edgekt.checkpoint import load_checkpoint
     from edgekt.config import DataConfig, validate
     from edgekt.data import build_splits
-    from edgekt.engine.checkpoint import load_checkpoint
     from edgekt.engine.setup import model_from_checkpoint
     from edgekt.engine.tasks import get_method
     from edgekt.errors import EdgektError

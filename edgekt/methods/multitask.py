@@ -345,8 +345,8 @@ def export_multitask_onnx(checkpoint: str | Path, out: str | Path) -> list[str]:
 
     import onnx
 
+    from edgekt.checkpoint import load_checkpoint
     from edgekt.data import DatasetInfo
-    from edgekt.engine.checkpoint import load_checkpoint
     from edgekt.exporters.meta import build_meta
     from edgekt.exporters.onnx_export import set_metadata
     from edgekt.io import atomic_write

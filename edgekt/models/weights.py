@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a state dict from a local file; an edgekt checkpoint yields its model weights."""
-    from edgekt.engine.checkpoint import load_checkpoint
+    from edgekt.checkpoint import load_checkpoint
 
     p = Path(path)
     if not p.is_file():

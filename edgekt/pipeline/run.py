@@ -21,8 +21,8 @@ def _data_overrides(cfg: PipelineConfig) -> list[str]:
 
 def _train(cfg_path: Path, overrides: list[str], run_dir: Path, fresh: bool) -> dict[str, Any]:
     """Train (or resume) one run and describe its best checkpoint."""
+    from edgekt.checkpoint import file_sha256, load_checkpoint
     from edgekt.engine import fit
-    from edgekt.engine.checkpoint import file_sha256, load_checkpoint
 
     run_cfg = load_config(cfg_path, [*overrides, f"run.dir={run_dir}"])
     done = run_dir / "summary.json"
@@ -40,7 +40,7 @@ def _train(cfg_path: Path, overrides: list[str], run_dir: Path, fresh: bool) -> 
 def stage_teacher(cfg: PipelineConfig, run_dir: Path, fresh: bool) -> dict[str, Any]:
     spec = cfg.teacher
     if spec.checkpoint:
-        from edgekt.engine.checkpoint import file_sha256, load_checkpoint
+        from edgekt.checkpoint import file_sha256, load_checkpoint
         from edgekt.engine.setup import model_from_checkpoint
         from edgekt.models import count_params
 
@@ -180,8 +180,8 @@ def _torch_eager(cfg: PipelineConfig, exports: dict[str, Any]) -> dict[str, Any]
     import numpy as np
     import torch
 
+    from edgekt.checkpoint import load_checkpoint
     from edgekt.devices.profiler import summarize, time_loop
-    from edgekt.engine.checkpoint import load_checkpoint
     from edgekt.engine.setup import model_from_checkpoint
 
     p = cfg.profile
