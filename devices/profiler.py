@@ -45,10 +45,14 @@ class ProfileSettings:
     """Return every latency sample (for CDF plots)."""
 
     def check(self) -> None:
-        if self.warmup < 0 or self.batch < 1 or (self.iters is not None and self.iters < 1) \
-                or self.seconds <= 0:
-            raise EdgektError(f"invalid profile settings {asdict(self)}: warmup >= 0, batch >= 1, "
-                              "iters >= 1 and seconds > 0 are required")
+        bad = {"warmup": self.warmup < 0, "batch": self.batch < 1,
+               "iters": self.iters is not None and self.iters < 1,
+               "seconds": not 0 < self.seconds < float("inf"),  # NaN and inf fail here too
+               "threads": self.threads is not None and self.threads < 1}
+        if any(bad.values()):
+            got = ", ".join(f"{k}={getattr(self, k)!r}" for k, v in bad.items() if v)
+            raise EdgektError(f"invalid profile settings ({got}): warmup >= 0, batch >= 1, "
+                              "iters >= 1, threads >= 1 and a finite seconds > 0 are required")
 
 
 def time_loop(fn: Callable[[], object], *, warmup: int, iters: int | None, seconds: float,

@@ -60,7 +60,7 @@ def test_eval_of_corrupt_checkpoint_is_a_user_error(tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
     res = CliRunner().invoke(app, ["eval", str(bad)])
-    assert res.exit_code != 0 and "corrupt or truncated" in str(res.exception)
+    assert res.exit_code == 2 and "corrupt or truncated" in res.output
 
 
 @pytest.mark.slow

@@ -11,11 +11,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from edgekt.cli.options import make_console
 from edgekt.errors import EdgektError
 
-console = Console()
-if not console.is_terminal:
-    console = Console(width=170)  # piped or logged: do not squeeze the table into 80 columns
+console = make_console()
 err_console = Console(stderr=True)
 devices_app = typer.Typer(help="Device files (devices/*.yaml): list them, probe one.",
                           no_args_is_help=True)
@@ -73,11 +72,18 @@ def profile(
         return
     if iters is not None and seconds is not None:
         raise EdgektError("use either --iters or --seconds, not both")
+    from edgekt.io import check_writable
+
+    for path, what in ((out, "--out"), (plot, "--plot"), (store_path if save else None, "--store")):
+        if path is not None:
+            check_writable(path, what)
     cfg = load_device(device)
     backends = [b for b in (backend.split(",") if backend else cfg.backend) if b.strip()]
-    settings = ProfileSettings(warmup=warmup, iters=iters, seconds=seconds or 3.0, batch=batch,
-                               threads=threads or cfg.threads, target=cfg.target, e2e=e2e,
-                               samples=bool(plot or out))
+    settings = ProfileSettings(warmup=warmup, iters=iters,
+                               seconds=3.0 if seconds is None else seconds, batch=batch,
+                               threads=cfg.threads if threads is None else threads,
+                               target=cfg.target, e2e=e2e, samples=bool(plot or out))
+    settings.check()  # before any model is staged
     precisions = [p.strip() for p in precision.split(",")] if precision else None
 
     def progress(row: dict[str, Any]) -> None:
@@ -106,7 +112,7 @@ def profile(
         if save:
             console.print(f"[dim]stored in {store_path} (run {run_id})[/]", highlight=False)
     if partial:
-        raise typer.Exit(1)
+        raise typer.Exit(2)  # like every user error; the failed rows are in the table above
 
 
 def _label(row: dict[str, Any]) -> str:
