@@ -39,7 +39,7 @@ from edgekt.exporters.base import (
 )
 from edgekt.exporters.manifest import FORMAT, Manifest
 from edgekt.exporters.parity import ParityError, apply_gate, measure, reference
-from edgekt.io import atomic_write, atomic_write_text
+from edgekt.io import atomic_write, atomic_write_text, check_writable
 
 PARTS = ("classifier", "embedding")
 
@@ -97,7 +97,7 @@ def export_package(
                         ("min_agreement_int8", min_agreement_int8)):
         if not 0.0 <= value <= 1.0:
             raise EdgektError(f"{name} must be between 0 and 1 (got {value})")
-    out = Path(out_dir)
+    out = check_writable(out_dir, "output directory", directory=True)
     if out.exists() and not force:
         raise EdgektError(f"output directory {out} exists; pass --force to replace it")
 
