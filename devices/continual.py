@@ -27,7 +27,7 @@ import numpy as np
 
 from edgekt.devices.drift import DriftDetector, create_detector
 from edgekt.devices.replay import ReplayBuffer
-from edgekt.devices.state import State, load_state, save_state
+from edgekt.devices.state import State, StateCorruptError, load_state, save_state
 from edgekt.errors import EdgektError
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,8 @@ class LearnerConfig:
 
     def __post_init__(self) -> None:
         checks = {
-            "head": self.head in ("softmax", "ncm"), "lr": self.lr > 0, "steps": self.steps >= 1,
+            "head": self.head in ("softmax", "ncm"), "lr": 0 < self.lr < float("inf"),
+            "steps": self.steps >= 1,
             "replay_batch": self.replay_batch >= 0, "buffer_bytes": self.buffer_bytes >= 0,
             "holdout_fraction": 0 <= self.holdout_fraction < 1,
             "guard_tolerance": 0 <= self.guard_tolerance <= 1,
@@ -562,6 +563,18 @@ class ContinualLearner:
         return self.generation
 
     def _restore(self, state: State) -> None:
+        try:
+            self._restore_unchecked(state)
+        except EdgektError:
+            raise
+        except (KeyError, ValueError, TypeError, IndexError, AttributeError) as exc:
+            # A checksummed file that is not a learner state (another tool's, or another
+            # version's): refuse it by name rather than start empty over it.
+            raise StateCorruptError(
+                f"{self.state_path}: not a valid continual-learner state ({type(exc).__name__}: "
+                f"{exc}); move it away to start afresh") from None
+
+    def _restore_unchecked(self, state: State) -> None:
         meta = state.meta
         if meta.get("format") != STATE_FORMAT:
             raise EdgektError(f"{self.state_path}: state format {meta.get('format')}, "
