@@ -26,9 +26,11 @@ from typing import Any, Literal, Protocol
 import numpy as np
 
 from edgekt.devices.drift import DriftDetector, create_detector
+from edgekt.devices.lock import DEFAULT_TIMEOUT, state_lock
 from edgekt.devices.replay import ReplayBuffer
 from edgekt.devices.state import State, StateCorruptError, load_state, save_state
 from edgekt.errors import EdgektError
+from edgekt.io import check_writable
 
 log = logging.getLogger(__name__)
 
@@ -267,7 +269,9 @@ class ContinualLearner:
                  dim: int | None = None) -> None:
         self.embedder = embedder
         self.config = config or LearnerConfig()
-        self.state_path = Path(state_path) if state_path is not None else None
+        self.state_path = (check_writable(state_path, "state file") if state_path is not None
+                           else None)
+        self.lock_timeout = DEFAULT_TIMEOUT
         self.labels: list[str] = []
         self.label_kind: str | None = None
         self.sample_shape: list[int] | None = None
@@ -559,7 +563,16 @@ class ContinualLearner:
             arrays.update({f"drift/{k}": v for k, v in a.items()})
             meta["drift"] = m
         state = State(arrays, meta, self.generation)
-        self.generation = save_state(self.state_path, state)
+        with state_lock(self.state_path, self.lock_timeout):
+            # A learner's state is one whole model: another process's commit cannot be merged
+            # into it, and overwriting it would lose that process's learning without a word.
+            on_disk = load_state(self.state_path)
+            if on_disk is not None and on_disk.generation != self.generation:
+                raise EdgektError(
+                    f"{self.state_path} holds generation {on_disk.generation}, written by another "
+                    f"learner since this one loaded generation {self.generation}; refusing to "
+                    "overwrite it. One learner (one process) should own a state file.")
+            self.generation = save_state(self.state_path, state)
         return self.generation
 
     def _restore(self, state: State) -> None:
