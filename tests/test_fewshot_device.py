@@ -361,6 +361,8 @@ def test_cli_package_enroll_predict_on_png_files(proto_run, novel_images, tmp_pa
         res = runner.invoke(app, [str(a) for a in args])
         if res.exception and not isinstance(res.exception, SystemExit):
             raise res.exception
+        if res.exit_code == 2:  # a user error: the CLI printed it
+            raise EdgektError(res.output)
         assert res.exit_code == 0, res.output
         return res.stdout
 
