@@ -42,8 +42,13 @@ def test_wheel_carries_every_module_and_installs(tmp_path):
         shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, src / name)
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w",
-                    str(tmp_path), str(src)], check=True)
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "-v", "--no-deps", "-w",
+                            str(tmp_path), str(src)], capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr[-2000:]
+    # -v shows the build backend's output: no deprecated license table, no undeclared data.
+    warnings = [line for line in (build.stdout + build.stderr).splitlines()
+                if "Warning" in line and "byte-compiling" not in line]
+    assert not warnings, warnings
     wheel = next(tmp_path.glob("edgekt-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
     missing = sorted(sources() - names)
