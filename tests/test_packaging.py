@@ -68,3 +68,15 @@ def test_editable_install_maps_the_folders(tmp_path):
     out = subprocess.run([str(py), "-c", IMPORTS], cwd=tmp_path, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == str(ROOT / "devices" / "__init__.py")
+
+
+def test_readme_refers_to_no_file_outside_the_repository():
+    import re
+
+    text = (ROOT / "README.md").read_text()
+    outside = re.findall(r"[\w.~-]*\.\./[\w./-]+|/work/[\w./-]+|/home/[\w./-]+", text)
+    assert not outside, outside
+    # Every repository file the README names in backquotes exists.
+    named = set(re.findall(r"`((?:edgekt|devices|exporters|scripts|tests)/[\w./-]+\.\w+)`", text))
+    missing = sorted(p for p in named if not (ROOT / p).exists())
+    assert not missing, missing

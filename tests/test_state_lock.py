@@ -136,3 +136,12 @@ def test_lock_file_is_beside_the_state_and_kept(tmp_path):
         pass
     assert lock_path(state) == tmp_path / "sub" / "s.npz.lock" and lock_path(state).exists()
     assert Path(lock_path(state)).read_text().strip() == str(os.getpid())
+
+
+def test_public_names_import_lazily_and_torch_free():
+    code = ("import sys, edgekt.devices as d; assert 'edgekt.devices.fewshot' not in sys.modules; "
+            "from edgekt.devices import PrototypeClassifier, ContinualLearner, LearnerConfig; "
+            "from edgekt.devices.lock import state_lock; "
+            "assert PrototypeClassifier.__module__ == 'edgekt.devices.fewshot'; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
