@@ -304,4 +304,6 @@ def fit(cfg: Config, *, resume: bool = False, force: bool = False,
         checkpoint_every: also save ``last.pt`` every N optimiser steps (0: each epoch only).
         splits: pre-built data (tests and benchmarks reuse one load).
     """
+    if checkpoint_every < 0:
+        raise EdgektError(f"--checkpoint-every must be >= 0 (got {checkpoint_every})")
     return Trainer(cfg, resume=resume, force=force, splits=splits).run(checkpoint_every)
