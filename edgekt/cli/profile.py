@@ -131,8 +131,8 @@ def _ms(v: float | None) -> str:
 def _table(rows: list[dict[str, Any]], previous: list[dict[str, Any] | None] | None,
            title: str) -> None:
     table = Table(title=f"edgekt profile — {title}", title_justify="left")
-    for col in ("model", "backend", "device", "load ms", "1st ms", "p50 ms", "p90 ms", "p99 ms",
-                "mean±std", "e2e p50", "img/s", "RSS MB"):
+    for col in ("model", "backend", "device", "load ms", "1st ms", "p50 ms", "rt p50", "p90 ms",
+                "p99 ms", "mean±std", "e2e p50", "img/s", "RSS MB"):
         table.add_column(col, justify="left" if col in ("model", "backend", "device") else "right",
                          no_wrap=col != "model")
     if previous is not None:
@@ -143,16 +143,18 @@ def _table(rows: list[dict[str, Any]], previous: list[dict[str, Any] | None] | N
         name = escape(Path(art.get("file") or r.get("model_arg", "?")).name)
         if r.get("status") != "ok":
             cells = [name, r.get("backend_name", "?"), r["device"],
-                     f"[red]{r['status']}[/]", *[""] * 8]
+                     f"[red]{r['status']}[/]", *[""] * 9]
             notes.append(f"{name} \\[{r.get('backend_name')}]: {escape(str(r.get('error')))}")
         else:
             lat, e2e = r["latency_ms"]["model"], r["latency_ms"]["e2e"]
+            inner = r["latency_ms"].get("runtime")
             prec = art.get("precision") or r["model"].get("precision") or "?"
             b = r["backend"]
             cells = [f"{name} {prec} {_size(r['model']['size_bytes'])}",
                      f"{b['name']} {b['version'].split('-')[0]} ×{b.get('threads')}", r["device"],
                      _ms(r["load_ms"]), _ms(r["first_ms"]), _ms(lat["p50"]),
-                     _ms(lat["p90"]), _ms(lat["p99"]), f"{_ms(lat['mean'])}±{_ms(lat['std'])}",
+                     _ms(inner["p50"]) if inner else "-", _ms(lat["p90"]), _ms(lat["p99"]),
+                     f"{_ms(lat['mean'])}±{_ms(lat['std'])}",
                      _ms(e2e["p50"]) if e2e else "n/a", f"{r['throughput_ips']:.0f}",
                      f"{r['rss_mb']['peak']:.0f}" if r["rss_mb"].get("peak") else "-"]
             notes += [f"{name} \\[{b['name']}]: {escape(n)}" for n in r.get("notes", [])]
@@ -167,7 +169,8 @@ def _table(rows: list[dict[str, Any]], previous: list[dict[str, Any] | None] | N
         console.print(f"[dim]{host['cpu_model']}, {host['cores_logical']} cores, flags {flags}, "
                       f"{host['os']}; load average before/after {la['before']} / {la['after']}. "
                       "Latencies are per batch, model-only unless 'e2e' (raw uint8 -> "
-                      "prediction).[/]", highlight=False)
+                      "prediction); 'rt p50' is the runtime's own timing of the call where it "
+                      "keeps one (OpenVINO, as benchmark_app reports).[/]", highlight=False)
     for n in notes:
         console.print(f"[yellow]note:[/] {n}", highlight=False, soft_wrap=True)
 
