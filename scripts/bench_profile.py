@@ -81,9 +81,15 @@ def edgekt_p50(path: Path, backend: str, threads: int, seconds: float) -> dict:
 
 def benchmark_app_p50(path: Path, threads: int, seconds: float) -> float | None:
     tool = shutil.which("benchmark_app") or str(Path(sys.executable).with_name("benchmark_app"))
-    if not Path(tool).exists():
-        return None
-    proc = subprocess.run([tool, "-m", str(path), "-d", "CPU", "-hint", "none", "-api", "sync",
+    if Path(tool).exists():
+        cmd = [tool]
+    else:  # a venv that sees openvino without its console script: the same entry point
+        try:
+            import openvino.tools.benchmark.main  # noqa: F401
+        except ImportError:
+            return None
+        cmd = [sys.executable, "-c", "from openvino.tools.benchmark.main import main; main()"]
+    proc = subprocess.run([*cmd, "-m", str(path), "-d", "CPU", "-hint", "none", "-api", "sync",
                            "-nireq", "1", "-nstreams", "1", "-nthreads", str(threads),
                            "-shape", "[1,1,28,28]", "-infer_precision", "f32",
                            "-t", str(max(1, round(seconds)))],
