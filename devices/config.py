@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from edgekt.errors import EdgektError
@@ -20,7 +19,7 @@ _HOST = re.compile(r"^[A-Za-z0-9_.:%\[\]-]+$")
 class DeviceConfig(BaseModel):
     """One device. Unknown keys are errors (a typo must not silently fall back to a default)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     name: str
     description: str = ""
@@ -99,16 +98,10 @@ def load_device(spec: str | Path | None = None) -> DeviceConfig:
 
 
 def parse_device(path: Path) -> DeviceConfig:
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except OSError as exc:
-        raise EdgektError(f"{path}: cannot read device file ({exc.strerror})") from None
-    except yaml.YAMLError as exc:
-        raise EdgektError(f"{path}: not valid YAML ({exc})") from None
-    if not isinstance(raw, dict):
-        raise EdgektError(f"{path}: a device file is a mapping of keys (name, transport, ...)")
+    from edgekt.config import read_yaml_mapping, validate
+
+    raw = read_yaml_mapping(path, "device file")
     raw.setdefault("name", path.stem)
-    from edgekt.config import validate
 
     return validate(DeviceConfig, raw, str(path))
 

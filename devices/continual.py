@@ -26,9 +26,11 @@ from typing import Any, Literal, Protocol
 import numpy as np
 
 from edgekt.devices.drift import DriftDetector, create_detector
+from edgekt.devices.lock import DEFAULT_TIMEOUT, state_lock
 from edgekt.devices.replay import ReplayBuffer
-from edgekt.devices.state import State, load_state, save_state
+from edgekt.devices.state import State, StateCorruptError, load_state, save_state
 from edgekt.errors import EdgektError
+from edgekt.io import check_writable
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +84,8 @@ class LearnerConfig:
 
     def __post_init__(self) -> None:
         checks = {
-            "head": self.head in ("softmax", "ncm"), "lr": self.lr > 0, "steps": self.steps >= 1,
+            "head": self.head in ("softmax", "ncm"), "lr": 0 < self.lr < float("inf"),
+            "steps": self.steps >= 1,
             "replay_batch": self.replay_batch >= 0, "buffer_bytes": self.buffer_bytes >= 0,
             "holdout_fraction": 0 <= self.holdout_fraction < 1,
             "guard_tolerance": 0 <= self.guard_tolerance <= 1,
@@ -266,7 +269,9 @@ class ContinualLearner:
                  dim: int | None = None) -> None:
         self.embedder = embedder
         self.config = config or LearnerConfig()
-        self.state_path = Path(state_path) if state_path is not None else None
+        self.state_path = (check_writable(state_path, "state file") if state_path is not None
+                           else None)
+        self.lock_timeout = DEFAULT_TIMEOUT
         self.labels: list[str] = []
         self.label_kind: str | None = None
         self.sample_shape: list[int] | None = None
@@ -558,10 +563,31 @@ class ContinualLearner:
             arrays.update({f"drift/{k}": v for k, v in a.items()})
             meta["drift"] = m
         state = State(arrays, meta, self.generation)
-        self.generation = save_state(self.state_path, state)
+        with state_lock(self.state_path, self.lock_timeout):
+            # A learner's state is one whole model: another process's commit cannot be merged
+            # into it, and overwriting it would lose that process's learning without a word.
+            on_disk = load_state(self.state_path)
+            if on_disk is not None and on_disk.generation != self.generation:
+                raise EdgektError(
+                    f"{self.state_path} holds generation {on_disk.generation}, written by another "
+                    f"learner since this one loaded generation {self.generation}; refusing to "
+                    "overwrite it. One learner (one process) should own a state file.")
+            self.generation = save_state(self.state_path, state)
         return self.generation
 
     def _restore(self, state: State) -> None:
+        try:
+            self._restore_unchecked(state)
+        except EdgektError:
+            raise
+        except (KeyError, ValueError, TypeError, IndexError, AttributeError) as exc:
+            # A checksummed file that is not a learner state (another tool's, or another
+            # version's): refuse it by name rather than start empty over it.
+            raise StateCorruptError(
+                f"{self.state_path}: not a valid continual-learner state ({type(exc).__name__}: "
+                f"{exc}); move it away to start afresh") from None
+
+    def _restore_unchecked(self, state: State) -> None:
         meta = state.meta
         if meta.get("format") != STATE_FORMAT:
             raise EdgektError(f"{self.state_path}: state format {meta.get('format')}, "

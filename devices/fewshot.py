@@ -14,6 +14,10 @@ Policies (documented because an app depends on them):
   state file with ``edgekt.devices.state.save_state`` (temp file, fsync, rename, previous
   generation kept as ``.prev``) *before* the call returns, so a returned enrollment survives a
   SIGKILL or power cut. The state is reloaded on start.
+* **Several processes may share a state file**: each change takes an advisory file lock
+  (``edgekt.devices.lock``), reloads what another process committed meanwhile, applies itself
+  and commits, so concurrent enrollments are all kept. A process that waits longer than
+  ``lock_timeout`` seconds gets ``StateLockedError`` naming the holder's pid.
 * **A damaged state file is refused** (``StateCorruptError``), never replaced by an empty
   classifier. When the previous generation is intact, ``recover=True`` restores it (the damaged
   file is kept beside it as ``NAME.corrupt``); it then lacks only the last change.
@@ -28,15 +32,18 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import numpy as np
 
+from edgekt.devices.lock import DEFAULT_TIMEOUT, state_lock
 from edgekt.devices.state import State, StateCorruptError, load_state, save_state
 from edgekt.errors import EdgektError
+from edgekt.io import check_writable
 
 log = logging.getLogger(__name__)
 
@@ -186,15 +193,19 @@ class PrototypeClassifier:
             state keeps its own (change the threshold with ``calibrate_threshold`` or
             ``set_threshold``).
         recover: accept the previous generation when the state file is damaged.
+        lock_timeout: seconds a change waits for another process's change to the same file.
     """
 
     def __init__(self, embedder: Embedder, state_path: str | Path, *, metric: Metric = "euclidean",
                  transform: Transform = "none", center: np.ndarray | None = None,
-                 scale: float = 1.0, threshold: float | None = None, recover: bool = False) -> None:
+                 scale: float = 1.0, threshold: float | None = None, recover: bool = False,
+                 lock_timeout: float = DEFAULT_TIMEOUT) -> None:
         self.embedder = embedder
-        self.path = Path(state_path)
-        # Changes are read-modify-commit sequences: one at a time per classifier, and readers
-        # take a consistent (labels, prototypes) snapshot. One process should own a state file.
+        self.path = check_writable(state_path, "state file")
+        self.lock_timeout = lock_timeout
+        # Changes are read-modify-commit sequences: one at a time per classifier (this lock)
+        # and per state file across processes (``_changing``); readers take a consistent
+        # (labels, prototypes) snapshot.
         self._lock = threading.RLock()
         loaded = self._load(recover)
         if loaded is None:
@@ -284,7 +295,7 @@ class PrototypeClassifier:
         """
         _check_label(label)
         emb = self.embed(samples)
-        with self._lock:
+        with self._changing():
             return self._enroll(label, emb, replace)
 
     def _enroll(self, label: str, emb: np.ndarray, replace: bool) -> int:
@@ -310,7 +321,7 @@ class PrototypeClassifier:
 
     def remove(self, label: str) -> None:
         """Forget ``label`` (EdgektError if it is not enrolled)."""
-        with self._lock:
+        with self._changing():
             j = self._index(label)
             keep = [i for i in range(len(self._labels)) if i != j]
             self._commit([self._labels[i] for i in keep], self._protos[keep], self._counts[keep])
@@ -319,7 +330,7 @@ class PrototypeClassifier:
         """Set the rejection distance (None: never reject)."""
         if threshold is not None and not (np.isfinite(threshold) and threshold >= 0):
             raise EdgektError(f"threshold must be a finite distance >= 0 or None, got {threshold}")
-        with self._lock:
+        with self._changing():
             old = self.threshold
             self.threshold = None if threshold is None else float(threshold)
             try:
@@ -346,7 +357,7 @@ class PrototypeClassifier:
         _, codes = np.unique(y, return_inverse=True)
         rates = calibrate(emb, codes, shots=shots, metric=self.metric, target_frr=target_frr,
                           trials=trials, seed=seed)
-        with self._lock:
+        with self._changing():
             old = (self.threshold, self.calibration)
             self.threshold = rates.threshold
             self.calibration = {**rates.as_dict(), "shots": shots, "target_frr": target_frr,
@@ -359,6 +370,18 @@ class PrototypeClassifier:
         return rates
 
     # ---- state ---------------------------------------------------------------------------------
+    @contextmanager
+    def _changing(self) -> Iterator[None]:
+        """Exclusive access to the state file, with what other processes committed adopted."""
+        with self._lock, state_lock(self.path, self.lock_timeout):
+            state = load_state(self.path)
+            if state is not None and state.generation != self._generation:
+                if "_recovered_from" in state.meta:
+                    raise StateCorruptError(f"{self.path} was damaged after this classifier "
+                                            "loaded it; reopen it (with --recover) to go on")
+                self._adopt(state)
+            yield
+
     def _commit(self, labels: list[str], protos: np.ndarray, counts: np.ndarray) -> None:
         """Write the new state, then adopt it in memory (a failed write changes nothing)."""
         arrays = {"prototypes": np.asarray(protos, np.float64),
@@ -390,7 +413,8 @@ class PrototypeClassifier:
                         self.path, corrupt, state.generation, source)
         self._adopt(state)
         if source is not None:
-            self._commit(self._labels, self._protos, self._counts)
+            with state_lock(self.path, self.lock_timeout):
+                self._commit(self._labels, self._protos, self._counts)
         return state
 
     def _adopt(self, state: State) -> None:

@@ -47,6 +47,10 @@ class Preprocessor:
                 raise EdgektError("a list must hold single images, not batches")
             return np.concatenate([b for b, _ in parts]), False
         arr = _as_array(x)
+        if arr.size == 0:
+            # Resizing would invent pixels and the model would "classify" nothing.
+            raise EdgektError(f"empty input of shape {arr.shape}: an image needs at least one "
+                              "pixel and a batch at least one image")
         if arr.dtype == np.uint8:
             return self._images(arr)
         if arr.dtype.kind == "f":

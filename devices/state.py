@@ -73,13 +73,26 @@ def save_state(path: str | Path, state: State) -> int:
 def _read(path: Path) -> State:
     try:
         with np.load(path, allow_pickle=False) as z:
+            if not hasattr(z, "files"):
+                raise ValueError("a bare .npy array, not an .npz archive")
+            if _META not in z.files:
+                raise ValueError(f"no {_META!r} entry: not an edgekt state file")
             header = json.loads(bytes(z[_META]).decode())
             arrays = {k: z[k] for k in z.files if k != _META}
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as exc:
+        if not isinstance(header, dict) or not {"meta", "sha256", "generation"} <= set(header):
+            raise ValueError(f"{_META!r} is not an edgekt state header")
+    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile, EOFError) as exc:
+        # UnicodeDecodeError and JSONDecodeError are ValueErrors.
         raise StateCorruptError(f"{path}: unreadable state file ({exc})") from None
-    if _digest(arrays, header["meta"]) != header["sha256"]:
+    if _digest(arrays, str(header["meta"])) != header["sha256"]:
         raise StateCorruptError(f"{path}: checksum mismatch (file damaged)")
-    return State(arrays, json.loads(header["meta"]), int(header["generation"]))
+    try:
+        meta, generation = json.loads(header["meta"]), int(header["generation"])
+        if not isinstance(meta, dict):
+            raise ValueError("its metadata is not a mapping")
+    except (ValueError, TypeError) as exc:
+        raise StateCorruptError(f"{path}: unreadable state header ({exc})") from None
+    return State(arrays, meta, generation)
 
 
 def load_state(path: str | Path) -> State | None:

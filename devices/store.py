@@ -58,7 +58,8 @@ def read(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     out = []
-    with open(path, encoding="utf-8") as f:
+    # errors="replace": a line damaged into non-UTF-8 bytes is skipped below like any other.
+    with open(path, encoding="utf-8", errors="replace") as f:
         for n, line in enumerate(f, 1):
             try:
                 out.append(json.loads(line))

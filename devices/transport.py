@@ -30,7 +30,11 @@ def parse_runner_output(stdout: str) -> dict[str, Any] | None:
     """The runner's JSON line, or None when it printed none (crash, disconnect)."""
     for line in reversed(stdout.splitlines()):
         if line.startswith(MARKER):
-            return json.loads(line[len(MARKER):])
+            try:
+                result = json.loads(line[len(MARKER):])
+            except json.JSONDecodeError:
+                return None  # a line cut by a crash or a dropped connection
+            return result if isinstance(result, dict) else None
     return None
 
 
@@ -76,7 +80,9 @@ class LocalTransport(Transport):
         python = local_python(self.cfg)
         cmd = [python, str(build_runner()), *args]
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=self.cfg.timeout)
+            # A runtime may print non-UTF-8 bytes on stderr; they must not hide its result.
+            proc = subprocess.run(cmd, capture_output=True, encoding="utf-8", errors="replace",
+                                  timeout=self.cfg.timeout)
         except FileNotFoundError:
             raise TransportError(f"device {self.cfg.name!r}: Python {python!r} not found; set "
                                  "'python:' in the device file") from None
@@ -117,7 +123,8 @@ class SSHTransport(Transport):
         command = remote if isinstance(remote, str) else shlex.join(remote)
         try:
             if stdin is None:
-                return subprocess.run(self.ssh_argv(command), capture_output=True, text=True,
+                return subprocess.run(self.ssh_argv(command), capture_output=True,
+                                      encoding="utf-8", errors="replace",
                                       timeout=timeout or self.cfg.timeout,
                                       stdin=subprocess.DEVNULL)
             with open(stdin, "rb") as f:

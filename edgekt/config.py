@@ -15,7 +15,7 @@ from edgekt.errors import EdgektError
 class Strict(BaseModel):
     """Base for config sections: unknown keys are errors, assignments are validated."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class DataConfig(Strict):
@@ -149,7 +149,50 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             if not isinstance(child, dict):
                 raise EdgektError(f"--set {item!r}: {part!r} is not a section")
             node = child
-        node[parts[-1]] = yaml.safe_load(value)
+        try:
+            node[parts[-1]] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise EdgektError(f"--set {item!r}: the value {value!r} is not valid YAML "
+                              f"({_yaml_problem(exc)}); quote strings that hold : [ ] {{ }} or #"
+                              ) from None
+    return raw
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    problem = getattr(exc, "problem", None)
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{problem}{where}" if problem else str(exc).splitlines()[0]
+
+
+def read_yaml_mapping(path: str | Path, what: str = "config file") -> dict[str, Any]:
+    """Read a YAML file that must hold a non-empty mapping; every failure is one clear error.
+
+    Refused: a missing or unreadable file, bytes that are not UTF-8 text (a binary file given
+    by mistake), invalid YAML, an empty file (it would silently mean "all defaults") and a
+    top level that is not a mapping.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise EdgektError(f"{what} not found: {p}" if not p.exists() else
+                          f"{what} {p} is not a regular file")
+    try:
+        text = p.read_bytes().decode("utf-8")
+    except OSError as exc:
+        raise EdgektError(f"{p}: cannot read the {what} ({exc.strerror})") from None
+    except UnicodeDecodeError as exc:
+        raise EdgektError(f"{p}: not a text {what} (byte {exc.start} is not UTF-8); expected "
+                          "YAML") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise EdgektError(f"{p}: not valid YAML ({_yaml_problem(exc)})") from None
+    if raw is None:
+        raise EdgektError(f"{p}: the {what} is empty; write at least one key (an empty file "
+                          "would silently mean all defaults)")
+    if not isinstance(raw, dict):
+        raise EdgektError(f"{p}: expected a mapping of keys at the top level of the {what}, "
+                          f"got {type(raw).__name__}")
     return raw
 
 
@@ -192,18 +235,13 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     source = "defaults"
     if path is not None:
         source = str(path)
-        p = Path(path)
-        if not p.is_file():
-            raise EdgektError(f"config file not found: {p}")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise EdgektError(f"{p}: not valid YAML: {exc}") from None
-        if not isinstance(raw, dict):
-            raise EdgektError(f"{p}: expected a mapping at the top level")
+        raw = read_yaml_mapping(path)
     apply_overrides(raw, overrides or [])
+    origin = source
+    if overrides:
+        source += " + --set " + " ".join(overrides)
     cfg: Config = validate(Config, raw, source)
-    cfg._source = source
+    cfg._source = origin
     return cfg
 
 

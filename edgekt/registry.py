@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
@@ -48,6 +47,8 @@ class Registry(Generic[T]):
 def unknown_name_message(kind: str, name: str, valid: object) -> str:
     """'unknown model 'resnet81'; did you mean 'resnet18'? valid: ...'."""
     names = sorted(valid)  # type: ignore[arg-type]
+    import difflib  # only on this error path: the device runtime's start-up skips it
+
     close = difflib.get_close_matches(name, names, n=1)
     hint = f"; did you mean {close[0]!r}?" if close else ""
     return f"unknown {kind} {name!r}{hint} (valid: {', '.join(names)})"

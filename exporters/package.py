@@ -39,7 +39,7 @@ from edgekt.exporters.base import (
 )
 from edgekt.exporters.manifest import FORMAT, Manifest
 from edgekt.exporters.parity import ParityError, apply_gate, measure, reference
-from edgekt.io import atomic_write, atomic_write_text
+from edgekt.io import atomic_write, atomic_write_text, check_writable
 
 PARTS = ("classifier", "embedding")
 
@@ -97,7 +97,10 @@ def export_package(
                         ("min_agreement_int8", min_agreement_int8)):
         if not 0.0 <= value <= 1.0:
             raise EdgektError(f"{name} must be between 0 and 1 (got {value})")
-    out = Path(out_dir)
+    for name, n in (("--val-samples", val_samples), ("--test-samples", test_samples)):
+        if n is not None and n < 1:
+            raise EdgektError(f"{name} must be >= 1, or 0 for all (got {n})")
+    out = check_writable(out_dir, "output directory", directory=True)
     if out.exists() and not force:
         raise EdgektError(f"output directory {out} exists; pass --force to replace it")
 
@@ -190,9 +193,13 @@ def _options(raw: dict[str, Any]) -> ExportOptions:
     if opts.calib_method not in CALIB_METHODS:
         raise EdgektError(f"--calib-method {opts.calib_method!r}: expected one of "
                           f"{', '.join(CALIB_METHODS)}")
-    if opts.max_drop is not None and opts.max_drop < 0:
-        raise EdgektError(f"--max-drop is in accuracy points and must be >= 0 "
+    if opts.max_drop is not None and not 0 <= opts.max_drop < float("inf"):  # NaN fails too
+        raise EdgektError(f"--max-drop is in accuracy points and must be a finite number >= 0 "
                           f"(got {opts.max_drop})")
+    if opts.calib_samples < 1:
+        raise EdgektError(f"--calib-samples must be >= 1 (got {opts.calib_samples})")
+    if opts.threads is not None and opts.threads < 1:
+        raise EdgektError(f"--threads must be >= 1 (got {opts.threads})")
     if not 0.0 <= opts.max_float_fraction <= 1.0:
         raise EdgektError("max_float_fraction must be between 0 and 1")
     if not 7 <= opts.opset <= 20:

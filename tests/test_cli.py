@@ -60,7 +60,7 @@ def test_eval_of_corrupt_checkpoint_is_a_user_error(tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
     res = CliRunner().invoke(app, ["eval", str(bad)])
-    assert res.exit_code != 0 and "corrupt or truncated" in str(res.exception)
+    assert res.exit_code == 2 and "corrupt or truncated" in res.output
 
 
 @pytest.mark.slow
@@ -112,3 +112,14 @@ def test_torchrun_ddp_two_processes_gloo(tmp_path):
     assert [r["step"] for r in rows] == [10, 20]  # each rank saw half of the 640 images
     assert rows[-1]["val_acc"] > 0.3
     assert load_checkpoint(run_dir / "last.pt")["metrics"]["test_acc"] > 0.3
+
+
+def test_tables_are_not_squeezed_to_80_columns_when_piped(tmp_path, monkeypatch):
+    deep = tmp_path / ("a_rather_long_directory_name_for_device_files_" * 2) / "devices"
+    deep.mkdir(parents=True)
+    (deep / "bench-board.yaml").write_text("transport: local\nbackend: onnxruntime,openvino\n")
+    monkeypatch.setenv("EDGEKT_DEVICES", str(deep))
+    res = CliRunner().invoke(app, ["devices", "list"])
+    assert res.exit_code == 0, res.output
+    assert str(deep / "bench-board.yaml") in res.output  # whole path on one line, no "…"
+    assert "…" not in res.output

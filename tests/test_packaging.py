@@ -42,8 +42,13 @@ def test_wheel_carries_every_module_and_installs(tmp_path):
         shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, src / name)
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w",
-                    str(tmp_path), str(src)], check=True)
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "-v", "--no-deps", "-w",
+                            str(tmp_path), str(src)], capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr[-2000:]
+    # -v shows the build backend's output: no deprecated license table, no undeclared data.
+    warnings = [line for line in (build.stdout + build.stderr).splitlines()
+                if "Warning" in line and "byte-compiling" not in line]
+    assert not warnings, warnings
     wheel = next(tmp_path.glob("edgekt-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
     missing = sorted(sources() - names)
@@ -63,3 +68,15 @@ def test_editable_install_maps_the_folders(tmp_path):
     out = subprocess.run([str(py), "-c", IMPORTS], cwd=tmp_path, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == str(ROOT / "devices" / "__init__.py")
+
+
+def test_readme_refers_to_no_file_outside_the_repository():
+    import re
+
+    text = (ROOT / "README.md").read_text()
+    outside = re.findall(r"[\w.~-]*\.\./[\w./-]+|/work/[\w./-]+|/home/[\w./-]+", text)
+    assert not outside, outside
+    # Every repository file the README names in backquotes exists.
+    named = set(re.findall(r"`((?:edgekt|devices|exporters|scripts|tests)/[\w./-]+\.\w+)`", text))
+    missing = sorted(p for p in named if not (ROOT / p).exists())
+    assert not missing, missing

@@ -41,6 +41,35 @@ def test_time_loop_counts_and_budget():
     assert np.median(out) >= 1_000_000  # nanoseconds: each call slept >= 1 ms
 
 
+def test_time_loop_paired_reads_outside_the_timed_window():
+    from edgekt.devices.profiler import time_loop_paired
+
+    reads = []
+
+    def read():
+        time.sleep(0.002)  # a slow read must not show in the wall-clock samples
+        reads.append(1)
+        return 0.5
+
+    wall, inner = time_loop_paired(lambda: None, read, warmup=2, iters=5, seconds=99)
+    assert len(wall) == len(inner) == len(reads) == 5
+    assert wall.max() < 2_000_000 and (inner == 500_000).all()  # ns
+
+
+def test_openvino_rows_carry_the_runtimes_own_latency(device_models):
+    from edgekt.devices.profiler import ProfileSettings, profile_model
+
+    ov = profile_model(device_models.classifier, "openvino",
+                       ProfileSettings(warmup=5, iters=200, threads=1, e2e=False))
+    inner, wall = ov["latency_ms"]["runtime"], ov["latency_ms"]["model"]
+    assert inner["n"] == wall["n"] == 200
+    # Timed inside the call, so never longer than the call timed around it.
+    assert 0 < inner["min"] <= wall["min"] and inner["p50"] <= wall["p50"]
+    ort = profile_model(device_models.classifier, "onnxruntime",
+                        ProfileSettings(warmup=1, iters=5, threads=1, e2e=False))
+    assert ort["latency_ms"]["runtime"] is None  # onnxruntime keeps no per-call timing
+
+
 def test_runner_bundle_is_self_contained(device_models, tmp_path):
     """The .pyz profiles a model from a directory where no edgekt checkout is importable."""
     runner = build_runner(tmp_path)
@@ -121,11 +150,11 @@ def test_cli_bad_inputs_exit_non_zero_and_keep_good_rows(device_models, tmp_path
     store = tmp_path / "s.jsonl"
     res = CliRunner().invoke(app, ["profile", str(device_models.classifier), str(junk),
                                    "--backend", "ort", "--iters", "5", "--store", str(store)])
-    assert res.exit_code == 1
+    assert res.exit_code == 2
     assert "truncated, corrupt or not a model" in res.output
     assert [json.loads(x)["status"] for x in store.read_text().splitlines()] == ["ok", "error"]
     both = CliRunner().invoke(app, ["profile", str(junk), "--iters", "5", "--seconds", "1"])
-    assert both.exit_code != 0 and "either --iters or --seconds" in str(both.exception)
+    assert both.exit_code == 2 and "either --iters or --seconds" in both.output
 
 
 def test_cli_devices_check_and_list():

@@ -200,7 +200,7 @@ def test_disconnect_mid_run_keeps_finished_rows(sshd, device_models, tmp_path):
     res = CliRunner().invoke(app, ["profile", str(device_models.classifier), str(dropped),
                                    "--device", str(dev_file), "--backend", "ort", "--iters",
                                    "20", "--store", str(store)])
-    assert res.exit_code == 1, res.output
+    assert res.exit_code == 2, res.output
     records = [json.loads(line) for line in store.read_text().splitlines()]
     assert [r["status"] for r in records] == ["ok", "error"]
     assert all(r["partial"] for r in records)

@@ -76,6 +76,14 @@ class Backend(ABC):
         The profiler times this in its loop, so the measurement is the model, not our wrapper.
         """
 
+    def last_latency_ms(self) -> float | None:
+        """The runtime's own timing of the last ``bind`` call, or None when it keeps none.
+
+        OpenVINO's ``InferRequest.latency`` is what its ``benchmark_app`` reports: the infer
+        call measured inside the runtime, without the Python call around it.
+        """
+        return None
+
     def settings(self) -> dict[str, object]:
         """Runtime settings worth recording beside a measurement."""
         return {"threads": self.threads if self.threads else "default", "target": self.target}

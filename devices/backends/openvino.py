@@ -106,6 +106,9 @@ class OpenVinoBackend(Backend):
             self._request.set_input_tensor(_ov().Tensor(x))
         return self._request.infer
 
+    def last_latency_ms(self) -> float | None:
+        return float(self._request.latency)
+
     def settings(self) -> dict[str, object]:
         props = {}
         for key in ("INFERENCE_NUM_THREADS", "NUM_STREAMS", "PERFORMANCE_HINT",

@@ -3,14 +3,40 @@
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
+from typer.core import TyperGroup
 
 from edgekt.cli import continual, distill, export, fewshot, pipeline, profile, train
 from edgekt.errors import EdgektError
 
+
+def print_user_error(exc: EdgektError) -> None:
+    """One red line (or a few) on stderr, never wrapped mid-path, no traceback."""
+    Console(stderr=True).print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False,
+                               soft_wrap=True)
+
+
+class EdgektGroup(TyperGroup):
+    """The root command: a user error raised by any subcommand exits 2 with its message.
+
+    Doing this in the command itself (not only in ``main``) gives in-process callers such as
+    ``typer.testing.CliRunner`` the same exit status and output as the console script.
+    """
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except EdgektError as exc:
+            print_user_error(exc)
+            raise typer.Exit(2) from None
+
+
 app = typer.Typer(
+    cls=EdgektGroup,
     name="edgekt",
     help="Train, distil, export, profile and run small neural networks on edge devices.",
     no_args_is_help=True,
@@ -36,7 +62,7 @@ def main() -> None:
     try:
         app()
     except EdgektError as exc:
-        Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False)
+        print_user_error(exc)
         sys.exit(2)
 
 

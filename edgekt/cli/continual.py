@@ -7,10 +7,11 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-console = Console()
+from edgekt.cli.options import make_console
+
+console = make_console()
 app = typer.Typer(help="Continual on-device learning (new classes, drift) without forgetting.",
                   no_args_is_help=True)
 
@@ -39,8 +40,10 @@ def simulate(
     """Accuracy matrix, final average accuracy, forgetting, update latency and memory."""
     from edgekt.continual.simulate import simulate as run
     from edgekt.devices.continual import LearnerConfig
-    from edgekt.io import atomic_write_text
+    from edgekt.io import atomic_write_text, check_writable
 
+    if out is not None:
+        check_writable(out, "--out")
     cfg = LearnerConfig(buffer_bytes=buffer_bytes, int8=int8, lr=lr, seed=seed)
     report = run(scenario, backbone, strategies=tuple(s.strip() for s in strategies.split(",")),
                  config=cfg, batch_size=batch_size, train_per_class=train_per_class,

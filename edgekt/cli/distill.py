@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from rich.console import Console
 from rich.table import Table
 
 from edgekt.cli.options import (
@@ -16,9 +15,10 @@ from edgekt.cli.options import (
     RunDirOpt,
     SetOpt,
     cli_overrides,
+    make_console,
 )
 
-console = Console()
+console = make_console()
 
 
 def distill(

@@ -6,11 +6,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
-from edgekt.cli.options import DataDirOpt
+from edgekt.cli.options import DataDirOpt, make_console
 
-console = Console()
+console = make_console()
 
 
 def _csv(value: str) -> list[str]:

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from edgekt.cli.options import (
@@ -20,10 +19,11 @@ from edgekt.cli.options import (
     RunDirOpt,
     SetOpt,
     cli_overrides,
+    make_console,
 )
 from edgekt.errors import EdgektError
 
-console = Console()
+console = make_console()
 app = typer.Typer(help="Few-shot prototype classifier: train on base classes, enroll new ones "
                        "on the device.", no_args_is_help=True)
 

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.console import Console
 
 ConfigArg = Annotated[Path, typer.Argument(help="YAML config file.", show_default=False)]
 OptionalConfigArg = Annotated[
@@ -40,3 +41,13 @@ def cli_overrides(
         if value is not None:
             out.append(f"{key}={value}")
     return out + list(sets or [])
+
+
+def make_console(*, stderr: bool = False) -> Console:
+    """A rich console that does not squeeze tables into 80 columns when piped or logged."""
+    con = Console(stderr=stderr)
+    # Rich falls back to 80 columns off a terminal; a log file or a pipe has no width limit.
+    return con if con.is_terminal else Console(stderr=stderr, width=PIPE_WIDTH)
+
+
+PIPE_WIDTH = 400

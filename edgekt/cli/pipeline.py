@@ -6,12 +6,11 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from edgekt.cli.options import SetOpt
+from edgekt.cli.options import SetOpt, make_console
 
-console = Console()
+console = make_console()
 
 
 def pipeline(
@@ -26,10 +25,12 @@ def pipeline(
     run_dir: Annotated[str | None, typer.Option("--run-dir", help="Run directory.")] = None,
 ) -> None:
     """Run the whole pipeline; finished stages are skipped, an interrupted one resumes."""
+    from edgekt.io import check_writable
     from edgekt.pipeline import load_pipeline_config, run_pipeline
 
     overrides = list(set_ or []) + ([f"run_dir={run_dir}"] if run_dir else [])
     cfg = load_pipeline_config(config, preset, overrides)
+    check_writable(cfg.run_dir, "run_dir", directory=True)
     report = run_pipeline(cfg, redo_from=from_stage, log=console.print)
     t = Table(title=f"edgekt pipeline: {cfg.run_dir}")
     for col in ("model", "runtime", "precision", "device", "test acc", "p50 ms", "speed-up",

@@ -11,11 +11,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from edgekt.cli.options import make_console
 from edgekt.errors import EdgektError
 
-console = Console()
-if not console.is_terminal:
-    console = Console(width=170)  # piped or logged: do not squeeze the table into 80 columns
+console = make_console()
 err_console = Console(stderr=True)
 devices_app = typer.Typer(help="Device files (devices/*.yaml): list them, probe one.",
                           no_args_is_help=True)
@@ -73,11 +72,18 @@ def profile(
         return
     if iters is not None and seconds is not None:
         raise EdgektError("use either --iters or --seconds, not both")
+    from edgekt.io import check_writable
+
+    for path, what in ((out, "--out"), (plot, "--plot"), (store_path if save else None, "--store")):
+        if path is not None:
+            check_writable(path, what)
     cfg = load_device(device)
     backends = [b for b in (backend.split(",") if backend else cfg.backend) if b.strip()]
-    settings = ProfileSettings(warmup=warmup, iters=iters, seconds=seconds or 3.0, batch=batch,
-                               threads=threads or cfg.threads, target=cfg.target, e2e=e2e,
-                               samples=bool(plot or out))
+    settings = ProfileSettings(warmup=warmup, iters=iters,
+                               seconds=3.0 if seconds is None else seconds, batch=batch,
+                               threads=cfg.threads if threads is None else threads,
+                               target=cfg.target, e2e=e2e, samples=bool(plot or out))
+    settings.check()  # before any model is staged
     precisions = [p.strip() for p in precision.split(",")] if precision else None
 
     def progress(row: dict[str, Any]) -> None:
@@ -106,7 +112,7 @@ def profile(
         if save:
             console.print(f"[dim]stored in {store_path} (run {run_id})[/]", highlight=False)
     if partial:
-        raise typer.Exit(1)
+        raise typer.Exit(2)  # like every user error; the failed rows are in the table above
 
 
 def _label(row: dict[str, Any]) -> str:
@@ -125,8 +131,8 @@ def _ms(v: float | None) -> str:
 def _table(rows: list[dict[str, Any]], previous: list[dict[str, Any] | None] | None,
            title: str) -> None:
     table = Table(title=f"edgekt profile — {title}", title_justify="left")
-    for col in ("model", "backend", "device", "load ms", "1st ms", "p50 ms", "p90 ms", "p99 ms",
-                "mean±std", "e2e p50", "img/s", "RSS MB"):
+    for col in ("model", "backend", "device", "load ms", "1st ms", "p50 ms", "rt p50", "p90 ms",
+                "p99 ms", "mean±std", "e2e p50", "img/s", "RSS MB"):
         table.add_column(col, justify="left" if col in ("model", "backend", "device") else "right",
                          no_wrap=col != "model")
     if previous is not None:
@@ -137,16 +143,18 @@ def _table(rows: list[dict[str, Any]], previous: list[dict[str, Any] | None] | N
         name = escape(Path(art.get("file") or r.get("model_arg", "?")).name)
         if r.get("status") != "ok":
             cells = [name, r.get("backend_name", "?"), r["device"],
-                     f"[red]{r['status']}[/]", *[""] * 8]
+                     f"[red]{r['status']}[/]", *[""] * 9]
             notes.append(f"{name} \\[{r.get('backend_name')}]: {escape(str(r.get('error')))}")
         else:
             lat, e2e = r["latency_ms"]["model"], r["latency_ms"]["e2e"]
+            inner = r["latency_ms"].get("runtime")
             prec = art.get("precision") or r["model"].get("precision") or "?"
             b = r["backend"]
             cells = [f"{name} {prec} {_size(r['model']['size_bytes'])}",
                      f"{b['name']} {b['version'].split('-')[0]} ×{b.get('threads')}", r["device"],
                      _ms(r["load_ms"]), _ms(r["first_ms"]), _ms(lat["p50"]),
-                     _ms(lat["p90"]), _ms(lat["p99"]), f"{_ms(lat['mean'])}±{_ms(lat['std'])}",
+                     _ms(inner["p50"]) if inner else "-", _ms(lat["p90"]), _ms(lat["p99"]),
+                     f"{_ms(lat['mean'])}±{_ms(lat['std'])}",
                      _ms(e2e["p50"]) if e2e else "n/a", f"{r['throughput_ips']:.0f}",
                      f"{r['rss_mb']['peak']:.0f}" if r["rss_mb"].get("peak") else "-"]
             notes += [f"{name} \\[{b['name']}]: {escape(n)}" for n in r.get("notes", [])]
@@ -161,7 +169,8 @@ def _table(rows: list[dict[str, Any]], previous: list[dict[str, Any] | None] | N
         console.print(f"[dim]{host['cpu_model']}, {host['cores_logical']} cores, flags {flags}, "
                       f"{host['os']}; load average before/after {la['before']} / {la['after']}. "
                       "Latencies are per batch, model-only unless 'e2e' (raw uint8 -> "
-                      "prediction).[/]", highlight=False)
+                      "prediction); 'rt p50' is the runtime's own timing of the call where it "
+                      "keeps one (OpenVINO, as benchmark_app reports).[/]", highlight=False)
     for n in notes:
         console.print(f"[yellow]note:[/] {n}", highlight=False, soft_wrap=True)
 

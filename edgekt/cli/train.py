@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from edgekt.cli.options import (
@@ -21,9 +20,10 @@ from edgekt.cli.options import (
     RunDirOpt,
     SetOpt,
     cli_overrides,
+    make_console,
 )
 
-console = Console()
+console = make_console()
 
 
 def train(

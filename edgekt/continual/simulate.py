@@ -276,6 +276,28 @@ def _per_class(y: np.ndarray, n: int | None, seed: int) -> np.ndarray:
     return np.sort(np.concatenate(keep))
 
 
+def check_options(scenario: str, backbone: str | Path, *, strategies: tuple[str, ...],
+                  batch_size: int, train_per_class: int | None, test_per_class: int | None,
+                  shift: str, threads: int | None) -> None:
+    """Refuse bad options before the dataset is loaded and embedded (the slow part)."""
+    if scenario not in SCENARIOS:
+        raise EdgektError(f"unknown scenario {scenario!r} (valid: {', '.join(SCENARIOS)})")
+    if not strategies or not all(strategies):
+        raise EdgektError(f"strategies: give at least one of {', '.join(STRATEGIES)} "
+                          f"(got {','.join(strategies)!r})")
+    for s in strategies:
+        strategy_config(s, LearnerConfig())
+    if shift not in ("brightness", "contrast", "blur", "all"):
+        raise EdgektError(f"shift {shift!r}: expected brightness, contrast, blur or all")
+    for name, value, low in (("batch_size", batch_size, 1), ("train_per_class", train_per_class, 2),
+                             ("test_per_class", test_per_class, 1), ("threads", threads, 1)):
+        if value is not None and (isinstance(value, bool) or value < low):
+            raise EdgektError(f"{name} must be an integer >= {low}, got {value!r}")
+    if not Path(backbone).exists():
+        raise EdgektError(f"backbone {backbone}: no such file or directory (an exported "
+                          f"embedding model: .onnx, .xml or an export directory)")
+
+
 def simulate(scenario: str, backbone: str | Path, *, strategies: tuple[str, ...] = STRATEGIES,
              config: LearnerConfig | None = None, batch_size: int = 32,
              train_per_class: int | None = None, test_per_class: int | None = None,
@@ -286,10 +308,9 @@ def simulate(scenario: str, backbone: str | Path, *, strategies: tuple[str, ...]
     from edgekt.data import build_splits
     from edgekt.devices import EdgeModel
 
-    if scenario not in SCENARIOS:
-        raise EdgektError(f"unknown scenario {scenario!r} (valid: {', '.join(SCENARIOS)})")
-    for s in strategies:
-        strategy_config(s, LearnerConfig())  # fail before the slow part on a bad name
+    check_options(scenario, backbone, strategies=strategies, batch_size=batch_size,
+                  train_per_class=train_per_class, test_per_class=test_per_class, shift=shift,
+                  threads=threads)
     config = config or LearnerConfig()
     splits = build_splits(DataConfig(name="fashion-mnist", val_fraction=0.0, data_dir=data_dir))
     x_tr, y_tr = splits.train.images.numpy()[:, 0], splits.train.targets.numpy()

@@ -107,6 +107,20 @@ def mnist_5k(data_dir: str | None = None) -> Raw:
     return _split_arrays(x, y, 0.2, [str(i) for i in range(10)])
 
 
+def _decode(ds: object, i: int) -> torch.Tensor:
+    """Image ``i`` of a torchvision ImageFolder; a file Pillow cannot decode is named."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = ds.samples[i][0]  # type: ignore[attr-defined]
+    try:
+        return ds[i][0]  # type: ignore[index]
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError,
+            ValueError) as exc:
+        # OSError covers truncated files; SyntaxError is what some Pillow decoders raise.
+        raise EdgektError(f"imagefolder: {path} is not a readable image ({exc}); delete or "
+                          "replace it") from None
+
+
 def image_folder(path: str, image_size: int) -> Raw:
     """The user's images: ``PATH/train`` and ``PATH/test`` class folders, or one folder split 80/20.
 
@@ -125,8 +139,8 @@ def image_folder(path: str, image_size: int) -> Raw:
             ds = ImageFolder(str(d), transform=tf)
         except (FileNotFoundError, RuntimeError) as exc:
             raise EdgektError(f"imagefolder {d}: {exc}") from None
-        xs, ys = zip(*(ds[i] for i in range(len(ds))), strict=True)
-        return torch.stack(xs), torch.tensor(ys), ds.classes
+        return torch.stack([_decode(ds, i) for i in range(len(ds))]), \
+            torch.tensor(ds.targets), ds.classes
 
     if (root / "train").is_dir() and (root / "test").is_dir():
         xtr, ytr, names = load(root / "train")

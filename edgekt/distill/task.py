@@ -38,7 +38,7 @@ console = Console(stderr=True)
 class LossTerm(BaseModel):
     """One KD term; keys other than these are the loss's own options (e.g. ``temperature``)."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
     name: str
     """A registered KD loss: hinton_kd, dkd, dist, fitnets, attention, rkd, pkt, crd."""
     weight: float = Field(1.0, ge=0)

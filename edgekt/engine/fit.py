@@ -19,6 +19,7 @@ import edgekt
 from edgekt.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from edgekt.config import Config, dump_config
 from edgekt.data import BatchLoader, Splits, build_splits, make_loader
+from edgekt.engine.guard import param_norm, rescale_lr, weights_problem
 from edgekt.engine.metrics import MetricsLog
 from edgekt.engine.optim import build_optimizer, build_scheduler, param_groups
 from edgekt.engine.runtime import Runtime, setup_runtime, teardown_runtime
@@ -31,7 +32,7 @@ from edgekt.engine.setup import (
 )
 from edgekt.engine.tasks import StepModule, Task, check_method_args, get_method
 from edgekt.errors import EdgektError
-from edgekt.io import atomic_write_text
+from edgekt.io import atomic_write_text, check_writable
 from edgekt.models import EdgeNet, count_params
 
 console = Console(stderr=True)
@@ -86,7 +87,7 @@ class Trainer:
                  splits: Splits | None = None) -> None:
         self.cfg = cfg
         check_method_args(cfg)  # before any data or model is built
-        self.run_dir = Path(cfg.run.dir)
+        self.run_dir = check_writable(cfg.run.dir, "run.dir", directory=True)  # before the data
         self.rt = setup_runtime(cfg.train)
         last = self.run_dir / "last.pt"
         if last.exists() and not (resume or force):
@@ -134,10 +135,13 @@ class Trainer:
         if self.rt.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             dump_config(cfg, self.run_dir / "config.yaml")
+        self.last_good: Path | None = None  # the newest checkpoint of this run known good
         if resume and last.exists():
             self._restore(load_checkpoint(last))
+            self.last_good = last
         elif force and self.log is not None:
             self.log.truncate_after(-1)
+        self.ref_norm = param_norm(self.model)
 
     # ---- checkpoints -------------------------------------------------------------------------
     def state(self, metrics: dict[str, Any]) -> dict[str, Any]:
@@ -170,8 +174,26 @@ class Trainer:
                 "ema_updates": int(self.ema.n_averaged.item())}
 
     def save(self, name: str, metrics: dict[str, Any]) -> None:
+        problem = weights_problem(self.model, self.opt, self.ref_norm)
+        if problem is not None:  # never overwrite a good checkpoint with diverged weights
+            raise EdgektError(self._diverged(problem))
         if self.rt.is_main:
             save_checkpoint(self.run_dir / name, self.state(metrics))
+        if name == "last.pt":
+            self.last_good = self.run_dir / name
+        self.ref_norm = param_norm(self.model)
+
+    def _diverged(self, problem: str) -> str:
+        where = f"epoch {self.epoch + 1}, batch {self.batch}, step {self.step}"
+        if self.last_good is not None and self.last_good.exists():
+            keep = (f"The last good checkpoint is {self.last_good} (finite, checked before it "
+                    f"was written); continue from it with --resume, e.g. with a lower optim.lr "
+                    f"(--set optim.lr=...).")
+        else:
+            keep = ("No checkpoint of this run was written before it diverged, so there is "
+                    "nothing to resume; start over with --force and a lower optim.lr.")
+        return (f"training diverged at {where}: {problem}. Lower optim.lr, set "
+                f"train.clip_grad, or check the data. {keep}")
 
     def _restore(self, ck: dict[str, Any]) -> None:
         try:
@@ -182,8 +204,11 @@ class Trainer:
                 self.ema.module.load_state_dict(ck["model"]["state_dict"])
                 self.ema.n_averaged.fill_(ck["ema_updates"])
             self.task.load_state_dict(ck["task"])
-            self.opt.load_state_dict(ck["optimizer"])
-            self.sched.load_state_dict(ck["scheduler"])
+            # A changed optim.lr (the usual answer to a divergence) wins over the saved one.
+            saved_lr = ck.get("config", {}).get("optim", {}).get("lr") or self.cfg.optim.lr
+            ratio = self.cfg.optim.lr / saved_lr
+            self.opt.load_state_dict(rescale_lr(ck["optimizer"], ratio))
+            self.sched.load_state_dict(rescale_lr(ck["scheduler"], ratio))
             self.scaler.load_state_dict(ck["scaler"])
         except (KeyError, RuntimeError, ValueError) as exc:
             raise EdgektError(f"{self.run_dir / 'last.pt'}: cannot resume: the checkpoint does "
@@ -245,12 +270,8 @@ class Trainer:
             out = self.stepper(batch, self.step)
         loss = out.loss
         if not torch.isfinite(loss):
-            raise EdgektError(
-                f"loss became {loss.item()} at epoch {self.epoch + 1}, batch {self.batch} "
-                f"(terms: { {k: float(v) for k, v in out.terms.items()} }). Lower optim.lr, set "
-                f"train.clip_grad, or check the data. The last good checkpoint is kept in "
-                f"{self.run_dir / 'last.pt'}."
-            )
+            terms = {k: float(v) for k, v in out.terms.items()}
+            raise EdgektError(self._diverged(f"the loss became {loss.item()} (terms: {terms})"))
         self.scaler.scale(loss / cfg.train.grad_accum).backward()
         r = self.running
         n = len(out.targets)
@@ -329,4 +350,6 @@ def fit(cfg: Config, *, resume: bool = False, force: bool = False,
         checkpoint_every: also save ``last.pt`` every N optimiser steps (0: each epoch only).
         splits: pre-built data (tests and benchmarks reuse one load).
     """
+    if checkpoint_every < 0:
+        raise EdgektError(f"--checkpoint-every must be >= 0 (got {checkpoint_every})")
     return Trainer(cfg, resume=resume, force=force, splits=splits).run(checkpoint_every)

@@ -271,6 +271,14 @@ def fewshot_evaluate(checkpoint: str | Path, *, package: str | Path | None = Non
     and open-set false-accept/false-reject rates of a base-calibrated threshold."""
     from edgekt.checkpoint import load_checkpoint
 
+    bad = {"ways": ways is not None and ways < 2, "queries": queries < 1, "episodes": episodes < 1,
+           "shots": not shots or min(shots) < 1}
+    if any(bad.values()):
+        got = ", ".join(f"{k}={v!r}" for k, v in (("ways", ways), ("queries", queries),
+                                                  ("episodes", episodes), ("shots", list(shots)))
+                        if bad[k])
+        raise EdgektError(f"invalid episode settings ({got}): ways >= 2, queries >= 1, "
+                          "episodes >= 1 and every shot >= 1 are required")
     setup = FewShotSetup.from_checkpoint(load_checkpoint(checkpoint), str(checkpoint), transform)
     novel_split = setup.novel_split(dataset, novel, split, data_dir)
     n_classes = len(torch.unique(novel_split.targets))

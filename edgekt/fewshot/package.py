@@ -27,6 +27,7 @@ def calibrate_package(checkpoint: str | Path, package: str | Path, *, shots: int
     """Create the package's classifier state from the checkpoint's base classes."""
     from edgekt.devices.model import EdgeModel
 
+    check_calibration(shots, target_frr)
     setup = FewShotSetup.from_checkpoint(load_checkpoint(checkpoint), str(checkpoint), transform)
     state = default_state_path(package)
     if state.exists() and not force:
@@ -47,6 +48,14 @@ def calibrate_package(checkpoint: str | Path, package: str | Path, *, shots: int
     return clf, rates
 
 
+def check_calibration(shots: int, target_frr: float) -> None:
+    """Refuse calibration settings that would give a meaningless (NaN) threshold."""
+    if shots < 1:
+        raise EdgektError(f"--shots must be >= 1 (got {shots})")
+    if not 0.0 <= target_frr < 1.0:  # NaN fails too
+        raise EdgektError(f"--target-frr must be in [0, 1) (got {target_frr})")
+
+
 def build_package(checkpoint: str | Path, out: str | Path, *, force: bool = False,
                   shots: int = 5, target_frr: float = 0.05, transform: str = "auto",
                   data_dir: str | None = None, log: Callable[[str], None] | None = None,
@@ -54,6 +63,7 @@ def build_package(checkpoint: str | Path, out: str | Path, *, force: bool = Fals
     """Export the embedding of ``checkpoint`` to ``out`` and calibrate its classifier."""
     from edgekt.exporters.package import export_package
 
+    check_calibration(shots, target_frr)  # before the export, which takes a while
     export_package(checkpoint, out, part="embedding", force=force, data_dir=data_dir, log=log,
                    **export_options)
     return calibrate_package(checkpoint, out, shots=shots, target_frr=target_frr,

@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import Field
 
-from edgekt.config import Strict, apply_overrides, validate
+from edgekt.config import Strict, apply_overrides, read_yaml_mapping, validate
 from edgekt.errors import EdgektError
 
 PRESETS_DIR = Path(__file__).parents[1] / "configs"
@@ -97,12 +96,7 @@ def load_pipeline_config(path: str | Path | None, preset: str | None,
     if path is None:
         path = resolve_config_path(f"pipeline_{preset}.yaml")
     p = Path(path)
-    if not p.is_file():
-        raise EdgektError(f"pipeline config not found: {p}")
-    try:
-        raw = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise EdgektError(f"{p}: not valid YAML: {exc}") from None
+    raw = read_yaml_mapping(p, "pipeline config")
     apply_overrides(raw, overrides)
     cfg: PipelineConfig = validate(PipelineConfig, raw, str(p))
     names = [s.name for s in cfg.students]

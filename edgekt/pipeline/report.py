@@ -154,8 +154,6 @@ def plots(rows: list[dict[str, Any]], run_dir: Path) -> list[str]:
         ax.scatter(r["p50_ms"], r["test_acc"] * 100, marker=markers.get(r["precision"], "x"),
                    c=color, s=70 if r.get("pareto") else 30,
                    edgecolors="red" if r.get("pareto") else "none")
-        ax.annotate(f"{r['name']}", (r["p50_ms"], r["test_acc"] * 100), fontsize=7,
-                    xytext=(3, 3), textcoords="offset points")
     twins = [r for r in ok if r["runtime"] == "torch-eager" and r.get("scratch_acc")]
     for r in twins:  # same architecture, so the same latency as the distilled student
         ax.scatter(r["p50_ms"], r["scratch_acc"] * 100, marker="o", facecolors="none",
@@ -180,6 +178,10 @@ def plots(rows: list[dict[str, Any]], run_dir: Path) -> list[str]:
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
+    from edgekt.devices.plot import annotate_without_overlap
+
+    annotate_without_overlap(ax, [(r["p50_ms"], r["test_acc"] * 100) for r in ok],
+                             [r["name"] for r in ok])
     fig.savefig(run_dir / "pareto.png", dpi=120)
     plt.close(fig)
 
