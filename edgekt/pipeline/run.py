@@ -7,24 +7,36 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from edgekt.config import load_config
+from edgekt.config import Config, apply_overrides, load_config, validate
 from edgekt.errors import EdgektError
 from edgekt.io import atomic_write_text
 from edgekt.pipeline.config import PipelineConfig, StudentSpec, resolve_config_path
 from edgekt.pipeline.stages import StageRunner, input_hash
 
-
-def _data_overrides(cfg: PipelineConfig) -> list[str]:
-    return [f"data.{k}={json.dumps(v) if not isinstance(v, str) else v}"
-            for k, v in cfg.data.items()]
+SECTIONS = ("data", "model", "optim", "sched", "finetune", "train", "run")
 
 
-def _train(cfg_path: Path, overrides: list[str], run_dir: Path, fresh: bool) -> dict[str, Any]:
+def run_config(cfg_path: Path, updates: dict[str, Any], user_sets: list[str],
+               run_dir: Path) -> Config:
+    """A stage's run config: its YAML file, the pipeline's typed values (merged into the config
+    sections, replacing ``method``/``method_args``), then the stage's own ``set:`` strings, which
+    win as on the command line; validated like a config file."""
+    merged = load_config(cfg_path).model_dump()
+    for key, value in updates.items():
+        merged[key] = {**merged[key], **value} if key in SECTIONS else value
+    merged["run"] = {**merged["run"], "dir": str(run_dir)}
+    apply_overrides(merged, user_sets)
+    out: Config = validate(Config, merged, f"{cfg_path} (pipeline stage config)")
+    out._source = str(cfg_path)
+    return out
+
+
+def _train(run_cfg: Config, fresh: bool) -> dict[str, Any]:
     """Train (or resume) one run and describe its best checkpoint."""
     from edgekt.checkpoint import file_sha256, load_checkpoint
     from edgekt.engine import fit
 
-    run_cfg = load_config(cfg_path, [*overrides, f"run.dir={run_dir}"])
+    run_dir = Path(run_cfg.run.dir)
     done = run_dir / "summary.json"
     if fresh or not done.exists():
         resume = not fresh and (run_dir / "last.pt").exists()
@@ -49,20 +61,21 @@ def stage_teacher(cfg: PipelineConfig, run_dir: Path, fresh: bool) -> dict[str, 
         return {"checkpoint": spec.checkpoint, "sha256": file_sha256(spec.checkpoint),
                 "model": ck["model"]["name"], "params": count_params(model),
                 "test_acc": ck.get("metrics", {}).get("test_acc")}
-    return _train(resolve_config_path(spec.config), [*_data_overrides(cfg), *spec.set],
-                  run_dir / "teacher", fresh)
+    return _train(run_config(resolve_config_path(spec.config), {"data": cfg.data}, spec.set,
+                             run_dir / "teacher"), fresh)
 
 
-def student_overrides(cfg: PipelineConfig, s: StudentSpec, teacher_ckpt: str | None
-                      ) -> list[str]:
-    """The student's run overrides; ``teacher_ckpt=None`` gives its scratch twin."""
-    method = ["method=supervised", "method_args={}"] if not s.losses or teacher_ckpt is None else [
-        "method=distill",
-        "method_args=" + json.dumps({**s.distill, "teacher": {"checkpoint": teacher_ckpt},
-                                     "losses": s.losses}),
-    ]
-    return [*method, f"model.name={s.model}", f"model.kwargs={json.dumps(s.kwargs)}",
-            f"train.epochs={s.epochs}", *_data_overrides(cfg), *s.set]
+def student_config(cfg: PipelineConfig, s: StudentSpec, teacher_ckpt: str | None,
+                   run_dir: Path) -> Config:
+    """The student's run config; ``teacher_ckpt=None`` gives its scratch twin."""
+    if not s.losses or teacher_ckpt is None:
+        method: dict[str, Any] = {"method": "supervised", "method_args": {}}
+    else:
+        method = {"method": "distill", "method_args": {
+            **s.distill, "teacher": {"checkpoint": teacher_ckpt}, "losses": s.losses}}
+    updates = {**method, "model": {"name": s.model, "kwargs": s.kwargs},
+               "train": {"epochs": s.epochs}, "data": cfg.data}
+    return run_config(resolve_config_path(s.config), updates, s.set, run_dir)
 
 
 def stage_students(cfg: PipelineConfig, run_dir: Path, teacher: dict[str, Any], fresh: bool
@@ -87,7 +100,7 @@ def _same_steps_epochs(cfg: PipelineConfig, s: StudentSpec, kd: dict[str, Any]) 
     steps as the distilled run (whose epochs are passes over the unlabelled images)."""
     from edgekt.data import build_splits
 
-    run_cfg = load_config(resolve_config_path(s.config), student_overrides(cfg, s, None))
+    run_cfg = student_config(cfg, s, None, Path("unused"))
     n = len(build_splits(run_cfg.data).train)
     per_epoch = -(-n // (run_cfg.data.batch_size * run_cfg.train.grad_accum))
     return max(1, -(-kd["steps"] // per_epoch))
@@ -103,8 +116,7 @@ def _train_student(cfg: PipelineConfig, s: StudentSpec, sdir: Path,
     marker = sdir / "pipeline.json"
     # A student whose inputs changed starts over; an unfinished one resumes from last.pt.
     stale = marker.exists() and json.loads(marker.read_text())["hash"] != key
-    res = _train(resolve_config_path(s.config),
-                 student_overrides(cfg, s, teacher["checkpoint"] if teacher else None), sdir,
+    res = _train(student_config(cfg, s, teacher["checkpoint"] if teacher else None, sdir),
                  fresh=fresh or stale)
     atomic_write_text(marker, json.dumps({"hash": key}))
     return res
