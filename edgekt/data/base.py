@@ -163,6 +163,27 @@ class PairedLoader:
         return self.iter_from(0)
 
 
+class StepCounter:
+    """``n`` data-free steps per epoch, for tasks that draw their own samples (episodes): yields
+    ``(batch_index,)`` so the loop's bookkeeping (resume mid-epoch, progress) is unchanged."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def set_epoch(self, epoch: int) -> None:
+        del epoch  # the task's own sampler carries the position
+
+    def __len__(self) -> int:
+        return self.n
+
+    def iter_from(self, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, ...]]:
+        for b in range(start_batch, self.n):
+            yield (torch.tensor(b),)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        return self.iter_from(0)
+
+
 def random_crop_flip(x: torch.Tensor, g: torch.Generator, pad: int = 2) -> torch.Tensor:
     """Batched random crop (zero padding ``pad``) and horizontal flip."""
     n, _, h, w = x.shape

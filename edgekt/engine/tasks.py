@@ -18,7 +18,7 @@ from torch import nn
 
 from edgekt.config import Config, validate
 from edgekt.data import BatchLoader, Splits
-from edgekt.data.base import PairedLoader
+from edgekt.data.base import PairedLoader, StepCounter
 from edgekt.errors import EdgektError
 from edgekt.registry import Registry
 
@@ -83,9 +83,10 @@ class Task(nn.Module):
     def extra_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
-    def train_loader(self, loader: BatchLoader) -> BatchLoader | PairedLoader:
+    def train_loader(self, loader: BatchLoader) -> BatchLoader | PairedLoader | StepCounter:
         """The loader the loop iterates: ``loader`` (the labelled training split) by default; a
-        task may pair it with a stream of its own (e.g. unlabelled transfer images)."""
+        task may pair it with a stream of its own (unlabelled transfer images) or replace it
+        with a step counter when it draws its own samples (episodes)."""
         return loader
 
     def training_step(self, model: nn.Module, batch: tuple, step: int) -> StepOutput:

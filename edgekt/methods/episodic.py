@@ -19,7 +19,8 @@ from pydantic import Field
 from torch import nn
 
 from edgekt.config import Config, Strict
-from edgekt.data import DatasetInfo, Splits, TensorSplit
+from edgekt.data import BatchLoader, DatasetInfo, Splits, TensorSplit
+from edgekt.data.base import StepCounter
 from edgekt.engine.tasks import StepOutput, Task
 from edgekt.fewshot.episodes import Episode, EpisodeSampler, EpisodeSpec, normalise
 from edgekt.fewshot.evaluate import FewShotResult, mean_ci95, run_episodes
@@ -35,6 +36,9 @@ class EpisodeArgs(Strict):
     """Classes per training episode (at most the number of base classes)."""
     k_shot: int = Field(5, ge=1)
     n_query: int = Field(15, ge=1)
+    episodes_per_epoch: int | None = Field(None, gt=0)
+    """Training episodes (optimiser steps) per epoch; default: one per ``data.batch_size``
+    images of the training split (the convention of earlier configs)."""
     eval_episodes: int = Field(100, ge=2)
     """Episodes on the base classes' val/test images for the loop's val/test accuracy."""
     eval_images: int = Field(1000, ge=10)
@@ -134,6 +138,10 @@ class EpisodicTask(Task):
         # Episodes drawn so far: a buffer, so a resumed run continues with the same episodes.
         self.register_buffer("episodes_drawn", torch.zeros((), dtype=torch.long))
 
+    def train_loader(self, loader: BatchLoader) -> StepCounter:
+        """Episodes are drawn by the task: the loop gets a step counter, not image batches."""
+        return StepCounter(self.args.episodes_per_epoch or len(loader))
+
     def next_episode(self) -> tuple[Episode, torch.Tensor, torch.Tensor, torch.Tensor,
                                     torch.Tensor]:
         """The next training episode: (episode, xs, ys, xq, yq) on the task's device."""
@@ -146,6 +154,7 @@ class EpisodicTask(Task):
                 ep.query_labels.to(d))
 
     def training_step(self, model: nn.Module, batch: tuple, step: int) -> StepOutput:
+        del batch  # only the step number (the episode is drawn here)
         _, xs, ys, xq, yq = self.next_episode()
         loss, logits, terms = self.episode_step(unwrap(model), xs, ys, xq, yq)
         return StepOutput(loss, logits, yq, terms)
