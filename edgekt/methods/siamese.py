@@ -76,8 +76,9 @@ class SiameseTask(EpisodicTask):
         self.scorer = PairScorer(model.embedding_dim)
 
     def training_step(self, model: nn.Module, batch: tuple, step: int) -> StepOutput:
-        # Pair set i depends only on (seed, i): a resumed run draws the same pairs.
-        index = int(self.episodes_drawn)
+        # Pair set i depends only on (seed, i): a resumed run draws the same pairs; under DDP
+        # the ranks interleave the index sequence, so each draws its own.
+        index = int(self.episodes_drawn) * self.world + self.rank
         self.episodes_drawn += 1
         g = torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + index)
         a, b, same = sample_pairs(self.split.targets, self.args.pairs, g)
