@@ -191,7 +191,7 @@ class Trainer:
                     f"(--set optim.lr=...).")
         else:
             keep = ("No checkpoint of this run was written before it diverged, so there is "
-                    "nothing to resume; start over with --force and a lower optim.lr.")
+                    "nothing to resume: start over (with --force if run.dir holds an older run).")
         return (f"training diverged at {where}: {problem}. Lower optim.lr, set "
                 f"train.clip_grad, or check the data. {keep}")
 
