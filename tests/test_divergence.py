@@ -9,9 +9,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from edgekt.checkpoint import load_checkpoint
 from edgekt.cli.app import app
 from edgekt.config import load_config
-from edgekt.checkpoint import load_checkpoint
 from edgekt.engine.fit import Trainer, evaluate
 from edgekt.engine.guard import GROWTH_LIMIT, param_norm, rescale_lr, weights_problem
 from edgekt.engine.setup import model_from_checkpoint
