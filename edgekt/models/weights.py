@@ -17,7 +17,8 @@ from edgekt.models.base import EdgeNet
 log = logging.getLogger(__name__)
 
 _DENSENET_LEGACY = re.compile(
-    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\."
+    r"([12]\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$")
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
