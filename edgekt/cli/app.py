@@ -7,7 +7,7 @@ import sys
 import typer
 from rich.console import Console
 
-from edgekt.cli import continual, distill, export, fewshot, pipeline, profile, train
+from edgekt.cli import continual, distill, export, fewshot, pipeline, profile, prune, train
 from edgekt.errors import EdgektError
 
 app = typer.Typer(
@@ -22,6 +22,7 @@ app.command("distill")(distill.distill)
 app.command("pipeline")(pipeline.pipeline)
 app.command("eval")(train.evaluate_checkpoint)
 app.command("export")(export.export)
+app.command("prune")(prune.prune)
 app.command("info")(train.info)
 app.command("models")(train.list_models)
 app.command("datasets")(train.list_datasets)
