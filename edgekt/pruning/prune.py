@@ -134,20 +134,25 @@ def prune_model(model: nn.Module, example: torch.Tensor, spec: PruneSpec,
     except Exception as exc:  # torch-pruning raises many types while tracing
         raise EdgektError(f"torch-pruning cannot trace this model: {_describe(exc)}") from None
     done = 0
-    for _ in range(rounds):
-        if spec.importance == "taylor":
-            _taylor_grads(model, batches)
-        try:
+    try:
+        for _ in range(rounds):
+            if spec.importance == "taylor":
+                _taylor_grads(model, batches)
             pruner.step()
-        except Exception as exc:  # noqa: BLE001 - name the layer torch-pruning failed on
-            raise EdgektError(f"torch-pruning failed on this model: {_describe(exc)}") from None
-        done += 1
-        if goal is not None and count(model, example)[0 if mode == "target_macs" else 1] <= goal:
-            break
+            done += 1
+            # Counting runs the pruned model: a layer with a hard-coded width fails here.
+            now = count(model, example)
+            if goal is not None and now[0 if mode == "target_macs" else 1] <= goal:
+                break
+    except EdgektError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - torch-pruning and the model raise many types
+        raise EdgektError(f"torch-pruning failed on this model after {done} round(s): "
+                          f"{_describe(exc)}. Keep the offending layer with --keep") from None
     model.zero_grad(set_to_none=True)
     if hasattr(model, "head"):
         model.embedding_dim = int(model.head.in_features)
-    macs1, params1 = count(model, example)
+    macs1, params1 = now
     if (macs1, params1) == (macs0, params0):
         raise EdgektError(f"nothing was pruned with --importance {spec.importance}"
                           f"{' --global' if spec.global_pruning else ''}: every channel scored "
