@@ -94,7 +94,8 @@ def list_models() -> None:
     """List registered model names."""
     from edgekt.models import MODELS
 
-    console.print("\n".join(MODELS.names()))
+    console.print("\n".join([*MODELS.names(), "timm:NAME (any timm model, local weights only)",
+                             "pruned:CHECKPOINT (the output of edgekt prune)"]))
 
 
 def list_datasets() -> None:
