@@ -67,4 +67,5 @@ def checkpoint_info(path: str | Path) -> dict[str, Any]:
         "metrics": ckpt.get("metrics", {}),
         "labels": info.labels,
         "config": ckpt.get("config", {}),
+        "pruning": ckpt["model"].get("prune", {}).get("record"),
     }

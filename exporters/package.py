@@ -89,6 +89,7 @@ def export_package(
     from edgekt.exporters.calib import build_eval_data
     from edgekt.exporters.meta import build_meta
     from edgekt.models import Embedding
+    from edgekt.models.timm_zoo import fuse_for_export
 
     say = log or (lambda _msg: None)
     opts = _options(options)
@@ -123,6 +124,9 @@ def export_package(
                            val_samples=val_samples, test_samples=test_samples,
                            head=head if part == "embedding" else None)
     ref = reference(data)
+    # Re-parameterisable blocks (RepViT, MobileOne, ...) are fused only now: the parity gate
+    # then compares the fused export against the unfused PyTorch reference computed above.
+    module = fuse_for_export(module)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))

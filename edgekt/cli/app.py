@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.markup import escape
 from typer.core import TyperGroup
 
-from edgekt.cli import continual, distill, export, fewshot, pipeline, profile, train
+from edgekt.cli import continual, distill, export, fewshot, pipeline, profile, prune, train
 from edgekt.errors import EdgektError
 
 
@@ -48,6 +48,7 @@ app.command("distill")(distill.distill)
 app.command("pipeline")(pipeline.pipeline)
 app.command("eval")(train.evaluate_checkpoint)
 app.command("export")(export.export)
+app.command("prune")(prune.prune)
 app.command("info")(train.info)
 app.command("models")(train.list_models)
 app.command("datasets")(train.list_datasets)

@@ -81,6 +81,10 @@ def info(checkpoint: Annotated[Path, typer.Argument(help="An edgekt checkpoint (
     t = Table(title=str(checkpoint), show_header=False)
     for key in ("model", "method", "dataset", "params", "flops", "file_mb", "epoch", "step"):
         t.add_row(key, str(data[key]))
+    if data.get("pruning"):
+        r = data["pruning"]
+        t.add_row("pruned", f"MACs {r['macs_before']:,} -> {r['macs_after']:,}, params "
+                            f"{r['params_before']:,} -> {r['params_after']:,} ({r['importance']})")
     for key, value in data["metrics"].items():
         t.add_row(f"metrics.{key}", f"{value:.4f}" if isinstance(value, float) else str(value))
     console.print(t)
@@ -90,7 +94,8 @@ def list_models() -> None:
     """List registered model names."""
     from edgekt.models import MODELS
 
-    console.print("\n".join(MODELS.names()))
+    console.print("\n".join([*MODELS.names(), "timm:NAME (any timm model, local weights only)",
+                             "pruned:CHECKPOINT (the output of edgekt prune)"]))
 
 
 def list_datasets() -> None:

@@ -11,6 +11,8 @@ from edgekt.config import FinetuneConfig, ModelConfig
 from edgekt.data import DatasetInfo
 from edgekt.errors import EdgektError
 from edgekt.models import EdgeNet, create_model, load_weights
+from edgekt.pruning.recipe import ATTR as PRUNE_ATTR
+from edgekt.pruning.recipe import apply as apply_prune_recipe
 
 
 def build_model(cfg: ModelConfig, info: DatasetInfo, finetune: FinetuneConfig | None = None
@@ -54,9 +56,11 @@ def set_train_mode(model: EdgeNet, spec: str | int) -> None:
 
 def model_record(cfg: ModelConfig, info: DatasetInfo, model: EdgeNet) -> dict[str, Any]:
     """Everything needed to rebuild the model without its config file."""
+    prune = getattr(model, PRUNE_ATTR, None)  # a pruned model: its base and rebuild recipe
     return {
-        "name": cfg.name,
-        "kwargs": dict(cfg.kwargs),
+        "name": prune["base"]["name"] if prune else cfg.name,
+        "kwargs": dict(prune["base"]["kwargs"] if prune else cfg.kwargs),
+        **({"prune": prune} if prune else {}),
         "num_classes": int(model.head.out_features),
         "embedding_dim": int(model.embedding_dim),
         "in_channels": info.in_channels,
@@ -78,6 +82,8 @@ def model_from_checkpoint(ckpt: dict[str, Any], source: str = "checkpoint"
         model = create_model(rec["name"], num_classes=rec["num_classes"],
                              in_channels=rec["in_channels"], image_size=rec["image_size"],
                              **rec["kwargs"])
+        if "prune" in rec:
+            apply_prune_recipe(model, rec["prune"], source)
         model.load_state_dict(rec["state_dict"])
     except (KeyError, TypeError) as exc:
         raise EdgektError(f"{source}: not an edgekt model checkpoint (missing {exc})") from None

@@ -7,7 +7,10 @@ from typing import Any
 from edgekt.models import compact, tv  # noqa: F401  (registration)
 from edgekt.models.base import EdgeNet, Embedding
 from edgekt.models.registry import MODELS
+from edgekt.models.timm_zoo import PREFIX, create_timm
 from edgekt.models.weights import load_weights
+
+PRUNED_PREFIX = "pruned:"
 
 __all__ = ["MODELS", "EdgeNet", "Embedding", "create_model", "load_weights", "count_params"]
 
@@ -15,7 +18,15 @@ __all__ = ["MODELS", "EdgeNet", "Embedding", "create_model", "load_weights", "co
 def create_model(
     name: str, *, num_classes: int, in_channels: int, image_size: int, **kwargs: Any
 ) -> EdgeNet:
-    """Build a registered model for the given data shape."""
+    """Build a registered model (or ``timm:<name>``, ``pruned:<checkpoint>``) for the data shape."""
+    if name.startswith(PREFIX):
+        return create_timm(name, num_classes=num_classes, in_channels=in_channels,
+                           image_size=image_size, **kwargs)
+    if name.startswith(PRUNED_PREFIX):
+        from edgekt.pruning.recipe import load_pruned
+
+        return load_pruned(name[len(PRUNED_PREFIX):], num_classes=num_classes,
+                           in_channels=in_channels, image_size=image_size, **kwargs)
     factory = MODELS.get(name)
     try:
         return factory(num_classes=num_classes, in_channels=in_channels, image_size=image_size,

@@ -109,3 +109,47 @@ def _make(tv_name: str, head_path: str, stages: list[str]) -> Callable[..., Torc
 
 for _name, (_tv, _head, _stages) in TORCHVISION.items():
     MODELS.register(_name)(_make(_tv, _head, _stages))
+
+
+class VGGNet(TorchvisionNet):
+    """VGG whose stages are its conv blocks (each ends with a max-pool), for freezing by block."""
+
+    def stages(self) -> list[nn.Module]:
+        blocks, current = [], []
+        for m in self.backbone.features.children():
+            current.append(m)
+            if isinstance(m, nn.MaxPool2d | nn.Identity):
+                blocks.append(nn.Sequential(*current))
+                current = []
+        return blocks + ([nn.Sequential(*current)] if current else [])
+
+
+def _make_vgg(tv_name: str) -> Callable[..., VGGNet]:
+    def factory(
+        num_classes: int, in_channels: int, image_size: int, stem: str = "auto", **kw
+    ) -> VGGNet:
+        """ImageNet-sized inputs keep VGG's 4096-wide MLP as the embedding; small images
+        (``stem: small``, or ``auto`` at <= 64 px) use the globally pooled 512 conv features and
+        keep only as many 2x2 max-pools as the image size allows (28 px: 2 of 5)."""
+        import torchvision
+
+        model = torchvision.models.get_model(tv_name, weights=None, **kw)
+        adapt_stem(model, in_channels, image_size, "imagenet")  # VGG's stem is already 3x3/1
+        small = stem == "small" or (stem == "auto" and image_size <= 64)
+        if not small:
+            dim = _split_head(model, "classifier.6")
+            return VGGNet(model, dim, num_classes, ["features"])
+        pools = [i for i, m in enumerate(model.features) if isinstance(m, nn.MaxPool2d)]
+        keep = max(0, min(len(pools), image_size.bit_length() - 3))  # leave >= 2x2 maps
+        for i in pools[keep:]:
+            model.features[i] = nn.Identity()
+        model.avgpool = nn.AdaptiveAvgPool2d(1)
+        model.classifier = nn.Identity()
+        return VGGNet(model, 512, num_classes, ["features"])
+
+    return factory
+
+
+for _name in ("vgg11_bn", "vgg13_bn", "vgg16_bn"):
+    MODELS.register(_name)(_make_vgg(_name))
+MODELS.register("densenet121")(_make("densenet121", "classifier", ["features"]))

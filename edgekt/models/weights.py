@@ -6,6 +6,7 @@ Nothing is ever unpickled: ``.pt``/``.pth`` files load with ``torch.load(weights
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import torch
@@ -14,6 +15,10 @@ from edgekt.errors import EdgektError
 from edgekt.models.base import EdgeNet
 
 log = logging.getLogger(__name__)
+
+_DENSENET_LEGACY = re.compile(
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\."
+    r"([12]\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$")
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -51,6 +56,7 @@ def load_weights(model: EdgeNet, path: str | Path, *, keep_head: bool = True) ->
     own = model.state_dict()
     if not any(k in own for k in state):
         state = _map_torchvision_keys(model, state)
+    stem = _first_conv_key(model)
     loaded, skipped = {}, []
     for key, value in state.items():
         if key not in own:
@@ -63,11 +69,20 @@ def load_weights(model: EdgeNet, path: str | Path, *, keep_head: bool = True) ->
             if value.shape[1] == 3 and target.shape[1] == 1 and value.shape[2:] == target.shape[2:]:
                 value = value.sum(dim=1, keepdim=True)
         if value.shape != target.shape:
+            # Only the adapted stem and the classifier may legitimately differ; any other
+            # shape mismatch means the file is for another architecture or width.
+            if key != stem and not key.startswith("head."):
+                raise EdgektError(
+                    f"{path}: tensor {key!r} has shape {tuple(value.shape)} but the model "
+                    f"expects {tuple(target.shape)}: the file is for another architecture")
             skipped.append(key)
             continue
         loaded[key] = value
     if not loaded:
-        raise EdgektError(f"{path}: no tensor matches the model (is it for another architecture?)")
+        first = next(iter(state), None)
+        raise EdgektError(f"{path}: no tensor matches the model (is it for another "
+                          f"architecture? first tensor in the file: {first!r}, the model's: "
+                          f"{next(iter(own), None)!r})")
     model.load_state_dict(loaded, strict=False)
     missing = sorted(set(own) - set(loaded))
     if skipped or missing:
@@ -76,12 +91,21 @@ def load_weights(model: EdgeNet, path: str | Path, *, keep_head: bool = True) ->
     return missing
 
 
+def _first_conv_key(model: EdgeNet) -> str | None:
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Conv2d):
+            return f"{name}.weight"
+    return None
+
+
 def _map_torchvision_keys(model: EdgeNet, state: dict[str, torch.Tensor]
                           ) -> dict[str, torch.Tensor]:
     own = model.state_dict()
     out = {}
     head_w = {k for k, v in state.items() if v.dim() == 2 and v.shape[1] == model.embedding_dim}
     for key, value in state.items():
+        # torchvision's published DenseNet files use legacy names ("norm.1" for "norm1").
+        key = _DENSENET_LEGACY.sub(r"\1\2", key)
         prefix, _, leaf = key.rpartition(".")
         if prefix and (f"{prefix}.weight" in head_w) and f"backbone.{key}" not in own:
             out[f"head.{leaf}"] = value

@@ -1,0 +1,215 @@
+"""Prune-then-distil benchmark on real Fashion-MNIST.
+
+For each MACs fraction of the teacher (default 25%, 10%, 5%) three students get the same epochs:
+  * pruned+KD  - ``edgekt prune --target-macs f`` of the teacher, recovered by Hinton KD
+                 (``model.name: pruned:PATH``);
+  * scratch    - the teacher's architecture narrowed (``width_mult``) to the same MACs, CE only;
+  * scratch+KD - the same narrow network distilled from the teacher.
+Reported: test accuracy, params, MACs, INT8 ONNX batch-1 latency (onnxruntime, 1 thread, p50,
+after warm-up; each model timed in this process, so compare ratios within one run), the
+latency ratio against the MACs ratio, and CPU time of the recovery/training.
+
+    python scripts/bench_prune.py --quick                   # 600 images, 1 epoch, 25% only
+    python scripts/bench_prune.py --teacher-checkpoint runs/teacher_fashion/best.pt \
+        --epochs 10 --out bench_prune.json                  # the full table (hours on a CPU)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from edgekt.config import Config, load_config
+from edgekt.data import Splits, build_splits
+from edgekt.engine import fit
+from edgekt.engine.checkpoint import load_checkpoint
+from edgekt.engine.setup import model_from_checkpoint
+from edgekt.models import create_model
+from edgekt.pruning.prune import PruneSpec, count, prune_checkpoint
+
+console = Console(width=max(Console().width, 120))
+KD = [{"name": "hinton_kd", "weight": 1.0, "temperature": 4.0}]
+
+
+def make_cfg(run: Path, model: str, kwargs: dict, epochs: int, args, lr: float,
+             teacher: Path | None = None) -> Config:
+    cfg = load_config(None, [f"run.dir={run}", f"model.name={model}", f"train.epochs={epochs}",
+                             "train.progress=false", f"train.threads={args.threads}",
+                             f"optim.lr={lr}", "optim.weight_decay=0.0005", "sched.name=cosine",
+                             f"data.batch_size={args.batch_size}"])
+    cfg.model.kwargs = dict(kwargs)
+    if teacher is not None:
+        cfg.method = "distill"
+        cfg.method_args = {"teacher": {"checkpoint": str(teacher)}, "losses": KD,
+                           "cache_dir": str(run.parent / "cache")}
+    return cfg
+
+
+def timed_fit(cfg: Config, splits: Splits) -> tuple[dict[str, Any], Path]:
+    c0 = time.process_time()
+    res = fit(cfg, splits=splits, force=True)
+    return {**res.metrics, "cpu_s": round(time.process_time() - c0, 1)}, res.run_dir / "last.pt"
+
+
+def width_for_macs(name: str, info, goal: int) -> float:
+    """Bisect ``width_mult`` of ``name`` so its MACs match ``goal``."""
+    ex = torch.zeros(1, info.in_channels, info.image_size, info.image_size)
+    lo, hi = 0.05, 1.0
+    for _ in range(12):
+        mid = (lo + hi) / 2
+        m = create_model(name, num_classes=info.num_classes, in_channels=info.in_channels,
+                         image_size=info.image_size, width_mult=mid)
+        lo, hi = (mid, hi) if count(m, ex)[0] < goal else (lo, mid)
+    return round((lo + hi) / 2, 4)
+
+
+def int8_latency(ckpt: Path, splits: Splits, work: Path, runs: int) -> dict[str, Any]:
+    """Export INT8 ONNX (parity-gated) and time batch-1 inference with onnxruntime, 1 thread."""
+    import onnxruntime as ort
+
+    from edgekt.exporters import export_package
+
+    man = export_package(ckpt, work, targets=["onnx"], precisions=["int8"], splits=splits,
+                         val_samples=200, test_samples=200, threads=1, force=True,
+                         allow_mismatch=True)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = so.inter_op_num_threads = 1
+    sess = ort.InferenceSession(str(work / "model.int8.onnx"), so,
+                                providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    info = splits.info  # latency does not depend on the values, but feed a real image
+    x = splits.test.images[:1].numpy().astype(np.float32) / 255.0
+    x = (x - np.array(info.mean, np.float32).reshape(1, -1, 1, 1)) \
+        / np.array(info.std, np.float32).reshape(1, -1, 1, 1)
+    for _ in range(20):
+        sess.run(None, {name: x})
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        sess.run(None, {name: x})
+        times.append(time.perf_counter() - t0)
+    art = man.artifacts[0]
+    return {"int8_p50_ms": round(float(np.median(times)) * 1e3, 4),
+            "int8_test_acc": art["parity"]["test_acc"],
+            "int8_agreement": art["parity"]["agreement"]}
+
+
+def describe(ckpt: Path) -> dict[str, int]:
+    net, info = model_from_checkpoint(load_checkpoint(ckpt))
+    macs, params = count(net, torch.zeros(1, info.in_channels, info.image_size, info.image_size))
+    return {"macs": macs, "params": params}
+
+
+def run(args) -> dict[str, Any]:
+    splits = build_splits(load_config(None, [f"data.limit={args.limit}"] if args.limit
+                                      else []).data)
+    tmp = Path(args.work or tempfile.mkdtemp(prefix="bench_prune_"))
+    rows: list[dict[str, Any]] = []
+    if args.teacher_checkpoint:
+        teacher = Path(args.teacher_checkpoint)
+        t_metrics = load_checkpoint(teacher).get("metrics", {})
+        t_name = load_checkpoint(teacher)["model"]["name"]
+    else:
+        t_metrics, teacher = timed_fit(make_cfg(tmp / "teacher", args.teacher, {},
+                                                args.teacher_epochs, args, 0.003), splits)
+        t_name = args.teacher
+    t = {"variant": "teacher", "fraction": 1.0, "test_acc": t_metrics.get("test_acc"),
+         "cpu_s": t_metrics.get("cpu_s"), **describe(teacher),
+         **int8_latency(teacher, splits, tmp / "pkg_teacher", args.latency_runs)}
+    rows.append(t)
+    info = splits.info
+    for frac in args.fractions:
+        tag = f"{frac:g}"
+        pruned = tmp / f"pruned_{tag}.pt"
+        prune_checkpoint(teacher, pruned, PruneSpec(target_macs=frac, importance=args.importance,
+                                                    global_pruning=args.global_pruning),
+                         splits=splits, force=True)
+        goal = describe(pruned)["macs"]
+        width = width_for_macs(t_name, info, goal)
+        variants = [
+            ("pruned+KD", make_cfg(tmp / f"pkd_{tag}", f"pruned:{pruned}", {}, args.epochs, args,
+                                   args.recovery_lr, teacher)),
+            ("scratch", make_cfg(tmp / f"scr_{tag}", t_name, {"width_mult": width}, args.epochs,
+                                 args, 0.003)),
+            ("scratch+KD", make_cfg(tmp / f"skd_{tag}", t_name, {"width_mult": width},
+                                    args.epochs, args, 0.003, teacher)),
+        ]
+        for label, cfg in variants:
+            metrics, ckpt = timed_fit(cfg, splits)
+            row = {"variant": label, "fraction": frac, "test_acc": metrics.get("test_acc"),
+                   "cpu_s": metrics["cpu_s"], **describe(ckpt),
+                   **int8_latency(ckpt, splits, tmp / f"pkg_{label}_{tag}", args.latency_runs)}
+            row["macs_ratio"] = round(row["macs"] / t["macs"], 4)
+            row["latency_ratio"] = round(row["int8_p50_ms"] / t["int8_p50_ms"], 4)
+            rows.append(row)
+            console.print(row)
+    return {"rows": rows, "teacher": t_name, "args": vars(args), "cpu": cpu_flags(),
+            "platform": platform.platform(), "loadavg": os.getloadavg()}
+
+
+def cpu_flags() -> list[str]:
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return []
+    return sorted({f for f in flags if f in ("avx2", "avx512f", "avx512_vnni")})
+
+
+def print_table(res: dict[str, Any]) -> None:
+    tab = Table(title=f"prune + KD vs scratch (teacher {res['teacher']}; CPU {res['cpu']})")
+    for col in ("variant", "MACs frac", "test acc", "params", "MACs", "INT8 p50 ms",
+                "latency ratio", "MACs ratio", "CPU s"):
+        tab.add_column(col)
+    for r in res["rows"]:
+        tab.add_row(r["variant"], f"{r['fraction']:g}",
+                    f"{r['test_acc']:.4f}" if r["test_acc"] is not None else "-",
+                    f"{r['params']:,}", f"{r['macs']:,}", f"{r['int8_p50_ms']:.4f}",
+                    str(r.get("latency_ratio", 1.0)), str(r.get("macs_ratio", 1.0)),
+                    str(r["cpu_s"]))
+    console.print(tab)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true",
+                   help="600 images, cnn_s teacher, batch 32, 1 epoch, the 25%% fraction only")
+    p.add_argument("--teacher-checkpoint", help="a trained teacher (else one is trained)")
+    p.add_argument("--teacher", default="cnn_l")
+    p.add_argument("--teacher-epochs", type=int, default=10)
+    p.add_argument("--epochs", type=int, default=10, help="epochs of every student")
+    p.add_argument("--fractions", type=float, nargs="*", default=[0.25, 0.10, 0.05])
+    p.add_argument("--importance", default="l2")
+    p.add_argument("--global-pruning", action="store_true")
+    p.add_argument("--recovery-lr", type=float, default=0.001)
+    p.add_argument("--limit", type=int, default=None, help="training images (default: all)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--latency-runs", type=int, default=500)
+    p.add_argument("--work", help="keep runs here instead of a temp dir")
+    p.add_argument("--out", default="bench_prune.json")
+    args = p.parse_args()
+    if args.quick:
+        args.limit, args.teacher, args.teacher_epochs = 600, "cnn_s", 1
+        args.epochs, args.fractions, args.latency_runs = 1, [0.25], 100
+        args.batch_size = 32  # 1 epoch of 600 images: enough steps to leave chance level
+    torch.set_num_threads(args.threads)
+    res = run(args)
+    print_table(res)
+    Path(args.out).write_text(json.dumps(res, indent=2, default=str))
+    console.print(f"wrote {args.out}" + (" (quick mode: smoke numbers, not results)"
+                                         if args.quick else ""))
+
+
+if __name__ == "__main__":
+    main()
