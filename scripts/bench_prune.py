@@ -30,10 +30,10 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from edgekt.checkpoint import load_checkpoint
 from edgekt.config import Config, load_config
 from edgekt.data import Splits, build_splits
 from edgekt.engine import fit
-from edgekt.engine.checkpoint import load_checkpoint
 from edgekt.engine.setup import model_from_checkpoint
 from edgekt.models import create_model
 from edgekt.pruning.prune import PruneSpec, count, prune_checkpoint

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
+from edgekt.checkpoint import load_checkpoint, save_checkpoint
 from edgekt.config import ModelConfig
-from edgekt.engine.checkpoint import load_checkpoint, save_checkpoint
 from edgekt.engine.setup import info_record, model_from_checkpoint, model_record
 from edgekt.errors import EdgektError
 from edgekt.models import EdgeNet, create_model

@@ -81,8 +81,8 @@ def test_fusion_changes_the_graph_not_the_function():
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_timm_family_exports_to_onnx_and_openvino_with_parity(name, tmp_path, fashion_tiny):
+    from edgekt.checkpoint import save_checkpoint
     from edgekt.config import ModelConfig
-    from edgekt.engine.checkpoint import save_checkpoint
     from edgekt.engine.setup import info_record, model_record
     from edgekt.exporters import export_package
 

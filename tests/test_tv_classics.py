@@ -71,8 +71,8 @@ def test_vgg_finetune_example_freezes_bottom_blocks_with_per_layer_lrs(tmp_path)
 
 @pytest.mark.parametrize("name", ["vgg11_bn", "densenet121"])
 def test_classic_exports_with_parity(name, tmp_path, fashion_tiny):
+    from edgekt.checkpoint import save_checkpoint
     from edgekt.config import ModelConfig
-    from edgekt.engine.checkpoint import save_checkpoint
     from edgekt.engine.setup import info_record, model_record
     from edgekt.exporters import export_package
 

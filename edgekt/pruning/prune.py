@@ -189,7 +189,7 @@ def prune_checkpoint(src: str | Path, dst: str | Path, spec: PruneSpec, *,
     Returns the pruning record also stored in the checkpoint (``model.prune.record``). Nothing is
     written unless the recipe rebuilds a model whose outputs equal the pruned model's.
     """
-    from edgekt.engine.checkpoint import load_checkpoint, save_checkpoint
+    from edgekt.checkpoint import load_checkpoint, save_checkpoint
     from edgekt.engine.setup import model_from_checkpoint
 
     _validate(spec)

@@ -89,7 +89,7 @@ def load_pruned(path: str, *, num_classes: int, in_channels: int, image_size: in
     The pruned model inherits its weights from the checkpoint (that is the point of pruning), so
     ``model.weights`` is not needed; the data shape must match the one it was pruned for.
     """
-    from edgekt.engine.checkpoint import load_checkpoint
+    from edgekt.checkpoint import load_checkpoint
     from edgekt.engine.setup import model_from_checkpoint
 
     if kwargs:
