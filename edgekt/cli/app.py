@@ -6,8 +6,10 @@ import sys
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from edgekt.cli import continual, distill, export, fewshot, pipeline, profile, train
+from edgekt.cli.serve import serve
 from edgekt.errors import EdgektError
 
 app = typer.Typer(
@@ -29,6 +31,7 @@ app.command("profile")(profile.profile)
 app.add_typer(profile.devices_app, name="devices")
 app.add_typer(fewshot.app, name="fewshot")
 app.add_typer(continual.app, name="continual")
+app.command("serve")(serve)
 
 
 def main() -> None:
@@ -36,7 +39,8 @@ def main() -> None:
     try:
         app()
     except EdgektError as exc:
-        Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False)
+        # Escaped: messages quote user text and extras such as 'edgekt[serve]', not markup.
+        Console(stderr=True).print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
         sys.exit(2)
 
 
