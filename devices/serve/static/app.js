@@ -114,10 +114,10 @@ async function enroll() {
   $("enroll-button").disabled = true;
   try {
     const r = await call("POST", "/v1/fewshot/enroll", form);
-    show($("enroll-status"), "Enrolled \u201c" + r.label + "\u201d from " + r.shots + " photo" +
-      (r.shots === 1 ? "" : "s") + ".", false);
     $("enroll-files").value = "";
     await refreshClasses();
+    show($("enroll-status"), "Enrolled \u201c" + r.label + "\u201d from " + r.shots + " photo" +
+      (r.shots === 1 ? "" : "s") + ".", false);
     if (lastPhoto) await predict(lastPhoto);
   } catch (e) {
     show($("enroll-status"), e.message, true);
@@ -129,8 +129,8 @@ async function enroll() {
 async function removeClass(label) {
   try {
     await call("DELETE", "/v1/fewshot/labels/" + encodeURIComponent(label));
-    show($("classes-status"), "Removed \u201c" + label + "\u201d.", false);
     await refreshClasses();
+    show($("classes-status"), "Removed \u201c" + label + "\u201d.", false);
   } catch (e) {
     show($("classes-status"), e.message, true);
   }
