@@ -13,7 +13,7 @@ from pathlib import Path
 import _serve_support as sup
 import numpy as np
 import pytest
-from _serve_support import BAG, SNEAKER, device_models, photos  # noqa: F401 - fixtures
+from _serve_support import BAG, SNEAKER
 
 from edgekt.devices import EdgeModel
 from edgekt.devices.serve.app import ServeSettings, create_app
@@ -26,7 +26,7 @@ TOKEN = "t0ken-for-tests-0123456789"
 
 
 @pytest.fixture
-def make_client(device_models, tmp_path):  # noqa: F811
+def make_client(device_models, tmp_path):
     """Build (service, client) pairs on the test package; all closed at the end."""
     from fastapi.testclient import TestClient
 
@@ -64,6 +64,8 @@ def _err(resp, status: int, code: str | None = None) -> str:
 # ---- import hygiene ---------------------------------------------------------------------------
 BLOCK = """
 import sys
+
+device_models, photos = sup.device_models, sup.photos  # session fixtures
 class Block:
     def find_spec(self, name, path=None, target=None):
         if name.split('.')[0] in {'fastapi', 'starlette', 'uvicorn', 'prometheus_client',
@@ -73,7 +75,7 @@ sys.meta_path.insert(0, Block())
 """
 
 
-def test_devices_import_without_the_serve_extra_and_cli_says_what_to_install(device_models):  # noqa: F811
+def test_devices_import_without_the_serve_extra_and_cli_says_what_to_install(device_models):
     code = BLOCK + (
         "import edgekt.devices, edgekt.devices.model, edgekt.devices.fewshot\n"
         "import edgekt.devices.continual, edgekt.devices.serve, edgekt.devices.serve.service\n"
@@ -95,7 +97,7 @@ def test_the_service_is_torch_free():
 
 
 # ---- predict ----------------------------------------------------------------------------------
-def test_predict_png_npy_json_match_the_in_process_model(make_client, device_models, photos):  # noqa: F811
+def test_predict_png_npy_json_match_the_in_process_model(make_client, device_models, photos):
     service, client = make_client()
     model = EdgeModel.load(device_models.package, threads=1)
     imgs = photos.images[:6]
@@ -127,7 +129,7 @@ def test_predict_png_npy_json_match_the_in_process_model(make_client, device_mod
 
 
 # ---- few-shot ---------------------------------------------------------------------------------
-def test_enroll_predict_list_remove_and_restart(make_client, photos, tmp_path):  # noqa: F811
+def test_enroll_predict_list_remove_and_restart(make_client, photos, tmp_path):
     service, client = make_client()
     assert client.get("/v1/fewshot/labels").json()["labels"] == []
     _err(client.post("/v1/fewshot/predict", content=sup.png(photos.of(SNEAKER, 1)[0]),
@@ -171,7 +173,7 @@ def test_enroll_predict_list_remove_and_restart(make_client, photos, tmp_path): 
         ["Sneaker 👟"]
 
 
-def test_concurrent_enrollments_of_one_label_get_409(make_client, photos, monkeypatch):  # noqa: F811
+def test_concurrent_enrollments_of_one_label_get_409(make_client, photos, monkeypatch):
     service, client = make_client()
     clf = service.runtime.fewshot
     entered, release = threading.Event(), threading.Event()
@@ -195,7 +197,7 @@ def test_concurrent_enrollments_of_one_label_get_409(make_client, photos, monkey
 
 
 # ---- bad input: JSON errors, state unchanged -------------------------------------------------
-def test_bad_input_gets_json_errors_and_changes_nothing(make_client, photos, tmp_path):  # noqa: F811
+def test_bad_input_gets_json_errors_and_changes_nothing(make_client, photos, tmp_path):
     from PIL import Image
 
     service, client = make_client(limits=Limits(max_body_bytes=200_000, max_images=4))
@@ -240,7 +242,7 @@ def test_bad_input_gets_json_errors_and_changes_nothing(make_client, photos, tmp
     assert [x["label"] for x in client.get("/v1/fewshot/labels").json()["labels"]] == ["bag"]
 
 
-def test_token_guards_state_changes_but_not_reads(make_client, photos):  # noqa: F811
+def test_token_guards_state_changes_but_not_reads(make_client, photos):
     _, client = make_client(token=TOKEN)
     imgs = photos.of(SNEAKER, 2)
     resp = _enroll(client, "shoe", imgs)
@@ -272,7 +274,7 @@ def test_cors_is_off_unless_configured(make_client):
 
 
 # ---- continual --------------------------------------------------------------------------------
-def test_continual_feedback_learns_and_persists(make_client, photos):  # noqa: F811
+def test_continual_feedback_learns_and_persists(make_client, photos):
     service, client = make_client()
     _err(client.post("/v1/continual/predict", content=sup.png(photos.images[0]),
                      headers={"Content-Type": "image/png"}), 409, "no_classes")
@@ -304,7 +306,7 @@ def test_continual_feedback_learns_and_persists(make_client, photos):  # noqa: F
 
 
 # ---- service endpoints ------------------------------------------------------------------------
-def test_healthz_metrics_openapi_info(make_client, photos):  # noqa: F811
+def test_healthz_metrics_openapi_info(make_client, photos):
     service, client = make_client()
     h = client.get("/healthz").json()
     assert h["status"] == "ok" and h["version"] == service.package.version
@@ -343,7 +345,7 @@ def test_healthz_metrics_openapi_info(make_client, photos):  # noqa: F811
 
 # ---- hot reload -------------------------------------------------------------------------------
 def test_hot_reload_swaps_compatible_versions_and_rolls_back_the_rest(
-        make_client, device_models, photos, tmp_path):  # noqa: F811
+        make_client, device_models, photos, tmp_path):
     pkg = sup.copy_package(device_models.package, tmp_path / "pkg")
     service, client = make_client(package=pkg)
     v1 = service.package.version

@@ -15,10 +15,12 @@ import time
 from pathlib import Path
 
 import _serve_support as sup
-from _serve_support import BAG, SNEAKER, device_models, photos  # noqa: F401 - fixtures
+from _serve_support import BAG, SNEAKER
 from typer.testing import CliRunner
 
 from edgekt.cli.app import app
+
+device_models, photos = sup.device_models, sup.photos  # session fixtures
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "cli-test-token-0123456789abcdef"
@@ -75,7 +77,7 @@ def _png_headers(extra=None):
     return {"Content-Type": "image/png", **(extra or {})}
 
 
-def test_serve_end_to_end(device_models, photos, tmp_path):  # noqa: F811
+def test_serve_end_to_end(device_models, photos, tmp_path):
     auth = {"Authorization": f"Bearer {TOKEN}"}
     server = Server(device_models.package, tmp_path / "state", tmp_path / "log",
                     env={"EDGEKT_SERVE_TOKEN": TOKEN})
@@ -106,7 +108,7 @@ def test_serve_end_to_end(device_models, photos, tmp_path):  # noqa: F811
     assert "Traceback" not in (tmp_path / "log").read_text()
 
 
-def test_acknowledged_enrollments_survive_sigkill(device_models, photos, tmp_path):  # noqa: F811
+def test_acknowledged_enrollments_survive_sigkill(device_models, photos, tmp_path):
     state = tmp_path / "state"
     server = Server(device_models.package, state, tmp_path / "log1")
     acked: list[str] = []
@@ -148,7 +150,7 @@ def test_acknowledged_enrollments_survive_sigkill(device_models, photos, tmp_pat
     assert len(labels - set(acked)) <= 4  # at most the enrollments in flight at the kill
 
 
-def test_cli_refusals_are_clear(device_models, tmp_path):  # noqa: F811
+def test_cli_refusals_are_clear(device_models, tmp_path):
     runner = CliRunner()
 
     def run(*args, env=None):

@@ -9,10 +9,12 @@ import shutil
 
 import _serve_support as sup
 import pytest
-from _serve_support import BAG, SNEAKER, device_models, photos  # noqa: F401 - fixtures
+from _serve_support import BAG, SNEAKER
 
 from edgekt.devices.serve.app import create_app
 from edgekt.devices.serve.service import Service
+
+device_models, photos = sup.device_models, sup.photos  # session fixtures
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 DRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
@@ -41,7 +43,7 @@ def browser(tmp_path):
 
 
 def test_a_person_enrolls_a_class_and_the_page_recognises_it(browser, device_models, photos,
-                                                              tmp_path):  # noqa: F811
+                                                              tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
