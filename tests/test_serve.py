@@ -21,6 +21,7 @@ from edgekt.devices.serve.inputs import Limits
 from edgekt.devices.serve.service import Service
 from edgekt.errors import EdgektError
 
+device_models, photos = sup.device_models, sup.photos  # session fixtures
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "t0ken-for-tests-0123456789"
 
@@ -64,8 +65,6 @@ def _err(resp, status: int, code: str | None = None) -> str:
 # ---- import hygiene ---------------------------------------------------------------------------
 BLOCK = """
 import sys
-
-device_models, photos = sup.device_models, sup.photos  # session fixtures
 class Block:
     def find_spec(self, name, path=None, target=None):
         if name.split('.')[0] in {'fastapi', 'starlette', 'uvicorn', 'prometheus_client',
