@@ -101,6 +101,12 @@ def test_serve_end_to_end(device_models, photos, tmp_path):
         assert "edgekt_serve_enrolled_classes 2.0" in text
         assert server.request("GET", "/")[0] == 200
         assert "/v1/predict" in server.request("GET", "/openapi.json")[1]["paths"]
+        server.proc.send_signal(signal.SIGHUP)  # systemd's ExecReload: reload the package
+        deadline = time.monotonic() + 20
+        while server.request("GET", "/healthz")[1]["last_reload"] is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert server.request("GET", "/healthz")[1]["last_reload"]["result"] == "unchanged"
     finally:
         code = server.stop(signal.SIGTERM)
     # uvicorn shuts down gracefully, then re-raises SIGTERM (systemd counts that as clean).

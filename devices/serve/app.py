@@ -14,6 +14,7 @@ import hmac
 import logging
 import signal
 import time
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -326,8 +327,9 @@ def create_app(service: Service, settings: ServeSettings | None = None, *,
 
     # -- inputs
     async def read_inputs(request: Request, pkg: Package, *, many: bool
-                          ) -> tuple[list[Any], dict[str, str], float]:
-        """Samples (decoded) and text fields of a request; seconds spent decoding."""
+                          ) -> tuple[Callable[[], list[Any]], dict[str, str]]:
+        """A function decoding the request's samples (run it in a worker thread) and the
+        request's text fields."""
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         fields: dict[str, str] = {}
         blobs: list[tuple[str, bytes, str]] = []  # (name, bytes, kind)
@@ -380,6 +382,9 @@ def create_app(service: Service, settings: ServeSettings | None = None, *,
             raise (too_large if many else invalid)(
                 f"{n} samples in one request; the limit is {limits.max_images if many else 1}")
 
+        if not blobs and not arrays:
+            raise invalid("no image or array in the request")
+
         def decode() -> list[Any]:
             out = []
             for name, data, kind in blobs:
@@ -390,11 +395,19 @@ def create_app(service: Service, settings: ServeSettings | None = None, *,
                                             name=name))
             return out + arrays
 
-        t0 = time.perf_counter()
-        samples = await run_in_threadpool(decode) if blobs else arrays
-        if not samples:
-            raise invalid("no image or array in the request")
-        return samples, fields, time.perf_counter() - t0
+        return decode, fields
+
+    async def decode_and(decode: Callable[[], list[Any]], call: Callable[[list[Any]], Any]
+                         ) -> tuple[Any, float]:
+        """Decode, then ``call(samples)``, in one worker-thread hop (each hop costs latency);
+        returns the result and the seconds spent decoding."""
+        def job() -> tuple[Any, float]:
+            t0 = time.perf_counter()
+            samples = decode()
+            seconds = time.perf_counter() - t0
+            return call(samples), seconds
+
+        return await run_in_threadpool(job)
 
     def label_of(request: Request, fields: dict[str, str]) -> str:
         label = fields.get("label", request.query_params.get("label"))
@@ -442,8 +455,9 @@ def create_app(service: Service, settings: ServeSettings | None = None, *,
     async def predict(request: Request, top: int = 5) -> dict[str, Any]:
         """Classify one image with the package's classifier."""
         t0 = time.perf_counter()
-        samples, _, dec = await read_inputs(request, service.package, many=False)
-        result = await run_in_threadpool(service.predict, samples[0], min(max(top, 1), 100))
+        decode, _ = await read_inputs(request, service.package, many=False)
+        k = min(max(top, 1), 100)
+        result, dec = await decode_and(decode, lambda s: service.predict(s[0], k))
         return finish(result, t0, dec)
 
     @app.post("/v1/fewshot/predict", response_model=Prediction,
@@ -452,8 +466,8 @@ def create_app(service: Service, settings: ServeSettings | None = None, *,
     async def fewshot_predict(request: Request) -> dict[str, Any]:
         """Classify one image among the enrolled classes (label null: unknown)."""
         t0 = time.perf_counter()
-        samples, _, dec = await read_inputs(request, service.package, many=False)
-        result = await run_in_threadpool(service.fewshot_predict, samples[0])
+        decode, _ = await read_inputs(request, service.package, many=False)
+        result, dec = await decode_and(decode, lambda s: service.fewshot_predict(s[0]))
         return finish(result, t0, dec)
 
     @app.get("/v1/fewshot/labels", response_model=Labels, tags=["fewshot"], responses=ERRORS)
@@ -466,9 +480,9 @@ def create_app(service: Service, settings: ServeSettings | None = None, *,
               openapi_extra=_body_doc(label=True, many=True))
     async def fewshot_enroll(request: Request, replace: bool = False) -> dict[str, Any]:
         """Enroll a class from a few images (or add them to it); on disk before the answer."""
-        samples, fields, _ = await read_inputs(request, service.package, many=True)
+        decode, fields = await read_inputs(request, service.package, many=True)
         label = label_of(request, fields)
-        return await run_in_threadpool(service.enroll, label, samples, replace)
+        return (await decode_and(decode, lambda s: service.enroll(label, s, replace)))[0]
 
     @app.delete("/v1/fewshot/labels/{label:path}", response_model=Removed, tags=["fewshot"],
                 responses=ERRORS, dependencies=writer)
@@ -477,9 +491,9 @@ def create_app(service: Service, settings: ServeSettings | None = None, *,
         return await run_in_threadpool(service.remove, check_label(label, limits))
 
     async def observe(request: Request) -> dict[str, Any]:
-        samples, fields, _ = await read_inputs(request, service.package, many=False)
+        decode, fields = await read_inputs(request, service.package, many=False)
         label = label_of(request, fields)
-        return await run_in_threadpool(service.observe, samples[0], label)
+        return (await decode_and(decode, lambda s: service.observe(s[0], label)))[0]
 
     for path in ("/v1/continual/observe", "/v1/continual/feedback"):
         app.post(path, response_model=Observed, tags=["continual"], responses=ERRORS,
@@ -492,8 +506,8 @@ def create_app(service: Service, settings: ServeSettings | None = None, *,
     async def continual_predict(request: Request) -> dict[str, Any]:
         """Classify one image with the continually learnt head."""
         t0 = time.perf_counter()
-        samples, _, dec = await read_inputs(request, service.package, many=False)
-        result = await run_in_threadpool(service.continual_predict, samples[0])
+        decode, _ = await read_inputs(request, service.package, many=False)
+        result, dec = await decode_and(decode, lambda s: service.continual_predict(s[0]))
         return finish(result, t0, dec)
 
     @app.get("/v1/continual", tags=["continual"], responses=ERRORS)
