@@ -30,7 +30,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -156,18 +156,6 @@ class ReloadResult:
     message: str = ""
 
 
-@dataclass
-class Counters:
-    """Totals since start (the metrics also count them; these feed healthz)."""
-
-    predictions: int = 0
-    enrollments: int = 0
-    removals: int = 0
-    observations: int = 0
-    reloads: dict[str, int] = field(default_factory=lambda: {"reloaded": 0, "unchanged": 0,
-                                                             "rolled_back": 0})
-
-
 class Service:
     """The device runtime as a service: predict, few-shot, continual, reload.
 
@@ -192,7 +180,6 @@ class Service:
         self.with_continual, self.learner_config = continual, learner_config or LearnerConfig()
         self.recover = recover
         self.listeners: list[Listener] = []
-        self.counters = Counters()
         self.started = time.time()
         self.last_reload: dict[str, Any] | None = None
         self._fewshot_lock = threading.Lock()
@@ -294,7 +281,6 @@ class Service:
         out = {"label": names[int(order[0])],
                "scores": [{"label": names[int(i)], "score": float(probs[i])} for i in order],
                "inference_ms": ms, "model_version": rt.package.version, "head": "classifier"}
-        self.counters.predictions += 1
         self.emit("prediction", {k: out[k] for k in ("label", "head", "model_version")}
                   | {"score": out["scores"][0]["score"], "inference_ms": ms})
         return out
@@ -311,7 +297,6 @@ class Service:
         out = {"label": p.label, "known": p.known, "nearest": p.nearest,
                "distance": p.distance, "score": p.score, "threshold": clf.threshold,
                "inference_ms": ms, "model_version": rt.package.version, "head": "fewshot"}
-        self.counters.predictions += 1
         self.emit("prediction", {k: out[k] for k in ("label", "nearest", "score", "head",
                                                      "model_version", "inference_ms")})
         return out
@@ -346,7 +331,6 @@ class Service:
             shots = clf.enroll(label, images, replace=replace)
             out = {"label": label, "shots": shots, "classes": len(clf.labels()),
                    "generation": clf.generation, "model_version": rt.package.version}
-        self.counters.enrollments += 1
         self.emit("enrolled", dict(out))
         return out
 
@@ -357,7 +341,6 @@ class Service:
                 raise ServeError(f"label {label!r} is not enrolled", 404, "unknown_label")
             clf.remove(label)
             out = {"label": label, "classes": len(clf.labels()), "generation": clf.generation}
-        self.counters.removals += 1
         self.emit("removed", dict(out))
         return out
 
@@ -375,7 +358,6 @@ class Service:
                "reason": res.reason, "drift": res.drift, "new_labels": res.new_labels,
                "errors": res.errors, "update_ms": res.update_ms, "generation": generation,
                "labels": len(learner.labels), "model_version": rt.package.version}
-        self.counters.observations += 1
         self.emit("observed", dict(out))
         return out
 
@@ -392,7 +374,6 @@ class Service:
         ms = (time.perf_counter() - t0) * 1e3
         out = {"label": str(label), "inference_ms": ms, "model_version": rt.package.version,
                "head": "continual"}
-        self.counters.predictions += 1
         self.emit("prediction", dict(out))
         return out
 
@@ -440,7 +421,6 @@ class Service:
             return self._reloaded(ReloadResult("reloaded", new.version, old.package.version))
 
     def _reloaded(self, result: ReloadResult) -> ReloadResult:
-        self.counters.reloads[result.result] += 1
         self.last_reload = {**vars(result), "at": time.time()}
         self.emit("reload", dict(vars(result)))
         return result
