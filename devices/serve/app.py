@@ -334,7 +334,7 @@ def create_app(service: Service, settings: ServeSettings | None = None, *,
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         fields: dict[str, str] = {}
         blobs: list[tuple[str, bytes, str]] = []  # (name, bytes, kind)
-        arrays: list[Any] = []
+        arrays: list[tuple[Any, Any, str]] = []  # JSON (value, dtype, name), converted later
         if ctype == "multipart/form-data":
             try:
                 form = await request.form(max_files=limits.max_images, max_fields=8,
@@ -357,17 +357,19 @@ def create_app(service: Service, settings: ServeSettings | None = None, *,
         elif ctype == "application/x-npy":
             blobs.append(("array", await request.body(), "npy"))
         elif ctype == "application/json":
-            body = parse_json(await request.body())
+            raw = await request.body()
+            # A large body is parsed off the event loop (other requests keep flowing).
+            body = parse_json(raw) if len(raw) < 65536 else \
+                await run_in_threadpool(parse_json, raw)
             if not isinstance(body, dict):
                 raise invalid("the JSON body must be an object")
             dtype = body.get("dtype", "uint8")
             if many and "arrays" in body:
                 if not isinstance(body["arrays"], list):
                     raise invalid("'arrays' must be a list of arrays")
-                arrays = [array_from_json(a, dtype, limits, f"arrays[{i}]")
-                          for i, a in enumerate(body["arrays"])]
+                arrays = [(a, dtype, f"arrays[{i}]") for i, a in enumerate(body["arrays"])]
             elif "array" in body:
-                arrays = [array_from_json(body["array"], dtype, limits)]
+                arrays = [(body["array"], dtype, "array")]
             else:
                 raise invalid("the JSON body needs 'array'" + (" or 'arrays'" if many else ""))
             fields = {k: v for k, v in body.items() if isinstance(v, str) and k != "dtype"}
@@ -394,7 +396,7 @@ def create_app(service: Service, settings: ServeSettings | None = None, *,
                 else:
                     out.append(decode_image(data, mode=pkg.mode, size=pkg.size, limits=limits,
                                             name=name))
-            return out + arrays
+            return out + [array_from_json(v, dtype, limits, name) for v, dtype, name in arrays]
 
         return decode, fields
 
