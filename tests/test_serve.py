@@ -403,3 +403,18 @@ def shutil_rm(path: Path) -> None:
     import shutil
 
     shutil.rmtree(path)
+
+
+def test_single_model_files_serve_what_they_have(make_client, device_models, photos, tmp_path):
+    png = {"Content-Type": "image/png"}
+    img = sup.png(photos.images[0])
+    service, emb = make_client(package=device_models.embedding, state=tmp_path / "e")
+    assert service.capabilities() == {"predict": False, "fewshot": True, "continual": True}
+    _err(emb.post("/v1/predict", content=img, headers=png), 404, "no_classifier")
+    assert _enroll(emb, "bag", photos.of(BAG, 2)).status_code == 200
+    service, cls = make_client(package=device_models.classifier, state=tmp_path / "c")
+    assert service.capabilities() == {"predict": True, "fewshot": False, "continual": False}
+    assert cls.post("/v1/predict", content=img, headers=png).status_code == 200
+    _err(_enroll(cls, "bag", photos.of(BAG, 2)), 404, "no_fewshot")
+    _err(cls.post("/v1/continual/observe?label=x", content=img, headers=png), 404)
+    _err(cls.get("/v1/fewshot/labels"), 404, "no_fewshot")
