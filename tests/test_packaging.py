@@ -20,7 +20,8 @@ def sources() -> set[str]:
     for folder, prefix in (("edgekt", "edgekt"), ("exporters", "edgekt/exporters"),
                            ("devices", "edgekt/devices")):
         for f in (ROOT / folder).rglob("*"):
-            if f.suffix in (".py", ".yaml") and "__pycache__" not in f.parts:
+            if f.suffix in (".py", ".yaml", ".html", ".js", ".css") \
+                    and "__pycache__" not in f.parts:
                 out.add(f"{prefix}/{f.relative_to(ROOT / folder).as_posix()}")
     return out
 

@@ -11,6 +11,7 @@ from rich.markup import escape
 from typer.core import TyperGroup
 
 from edgekt.cli import continual, distill, export, fewshot, pipeline, profile, prune, train
+from edgekt.cli.serve import serve
 from edgekt.errors import EdgektError
 
 
@@ -56,6 +57,7 @@ app.command("profile")(profile.profile)
 app.add_typer(profile.devices_app, name="devices")
 app.add_typer(fewshot.app, name="fewshot")
 app.add_typer(continual.app, name="continual")
+app.command("serve")(serve)
 
 
 def main() -> None:
