@@ -157,8 +157,8 @@ def test_files_that_are_not_models(tmp_path: Path, device_models):
             EdgeModel.load(cut, backend=backend)
     with pytest.raises(EdgektError, match="no such file"):
         EdgeModel.load(tmp_path / "missing.onnx")
-    with pytest.raises(EdgektError, match="unknown runtime backend 'tflite'"):
-        EdgeModel.load(device_models.classifier, backend="tflite")
+    with pytest.raises(EdgektError, match="unknown runtime backend .tensorrt."):
+        EdgeModel.load(device_models.classifier, backend="tensorrt")
     (tmp_path / "manifest.json").write_text("{}")
     with pytest.raises(EdgektError, match="not a valid edgekt manifest"):
         EdgeModel.load(tmp_path)
