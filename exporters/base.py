@@ -53,6 +53,7 @@ TARGETS: Registry[Target] = Registry("export target")
 TARGETS.register("onnx")(Target("edgekt.exporters.onnx_export", "edgekt[export]"))
 TARGETS.register("openvino")(Target("edgekt.exporters.openvino_export",
                                     "edgekt[export,openvino]"))
+TARGETS.register("litert")(Target("edgekt.exporters.litert_export", "edgekt[litert-export]"))
 
 Runner = Callable[[np.ndarray], np.ndarray]
 """Runs a float32 NCHW batch (any size) through an artifact and returns its output."""

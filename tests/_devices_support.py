@@ -106,3 +106,36 @@ def device_models(tmp_path_factory, tiny_checkpoint, fashion_splits) -> DeviceMo
     if (root / "labels.json").is_file():  # already built by another test module
         return load(root)
     return build(root, tiny_checkpoint, fashion_splits)
+
+
+@dataclass
+class LiteRTModels:
+    classifier: Path
+    """FP32 .tflite of the device_models classifier (static batch 1), edgekt metadata embedded."""
+    nometa: Path
+    """The same model without the metadata."""
+
+
+@pytest.fixture(scope="session")
+def litert_models(device_models, tiny_checkpoint) -> LiteRTModels:
+    """.tflite twins of ``device_models`` (built with litert-torch, about 5 s)."""
+    root = device_models.root / "litert"
+    out = LiteRTModels(root / "classifier.tflite", root / "nometa.tflite")
+    if out.classifier.is_file():
+        return out
+    import torch
+
+    from edgekt.engine.checkpoint import load_checkpoint
+    from edgekt.engine.setup import model_from_checkpoint
+    from edgekt.exporters.litert_export import convert, embed_metadata
+    from edgekt.exporters.meta import build_meta
+
+    torch.set_num_threads(1)
+    net, info = model_from_checkpoint(load_checkpoint(tiny_checkpoint))
+    meta = build_meta(info, part="classifier", model_name="cnn_xs",
+                      embedding_dim=net.embedding_dim)
+    data = convert(net, meta.input.shape)
+    root.mkdir()
+    out.nometa.write_bytes(data)
+    out.classifier.write_bytes(embed_metadata(data, meta.to_json()))
+    return out

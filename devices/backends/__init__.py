@@ -42,6 +42,8 @@ BACKENDS.register("onnxruntime")(BackendSpec("edgekt.devices.backends.onnxruntim
                                              "onnxruntime", (".onnx",), ("ort",)))
 BACKENDS.register("openvino")(BackendSpec("edgekt.devices.backends.openvino", "openvino",
                                           (".xml",), ("ov",)))
+BACKENDS.register("litert")(BackendSpec("edgekt.devices.backends.litert", "ai-edge-litert",
+                                        (".tflite",), ("tflite", "tflite-runtime")))
 
 
 def __getattr__(name: str) -> Any:
