@@ -198,7 +198,10 @@ class LiteRTExporter(Exporter):
         first = OBSERVERS[opts.calib_method]
         order = [first] + [o for o in dict.fromkeys(OBSERVERS.values()) if o != first]
         tries: list[dict[str, Any]] = []
-        best: tuple[float, bytes, str] | None = None
+        best: tuple[float, float, bytes, str] | None = None
+        # Neither observer wins everywhere (on a small Fashion-MNIST CNN min-max agreed with
+        # PyTorch on 94.7% of validation images, the histogram on 97.7%): try both, keep the
+        # better agreement, like the OpenVINO target's two bias-correction tries.
         for observer in order:
             quantizer = pq.PT2EQuantizer().set_global(_config(pq, observer))
             blob = convert(ctx.module, shape, quantizer, data.calib_x)
@@ -206,16 +209,13 @@ class LiteRTExporter(Exporter):
             self._write(path, blob, ctx.meta, "int8", shape, None)
             out = self.runner(path, threads=opts.threads)(data.val_x)
             acc = data.val_accuracy(out)
+            agreement = float((data.logits(out).argmax(1) == ref_top1).mean())
             tries.append({"activation_observer": observer, "val_acc": acc,
-                          "agreement": float((data.logits(out).argmax(1) == ref_top1).mean()),
-                          "drop_pt": round(100 * (ref_acc - acc), 4)})
-            if best is None or acc > best[0]:
-                best = (acc, blob, observer)
-            # Without --max-drop one calibration is enough; with it, stop once it is met.
-            if opts.max_drop is None or 100 * (ref_acc - acc) <= opts.max_drop:
-                break
+                          "agreement": agreement, "drop_pt": round(100 * (ref_acc - acc), 4)})
+            if best is None or (agreement, acc) > best[:2]:
+                best = (agreement, acc, blob, observer)
         assert best is not None
-        acc, blob, observer = best
+        _, acc, blob, observer = best
         if opts.max_drop is not None and 100 * (ref_acc - acc) > opts.max_drop:
             report = "\n".join(f"    {t['activation_observer']}: val acc {t['val_acc']:.4f} "
                                f"(drop {t['drop_pt']:.2f} pt)" for t in tries)
