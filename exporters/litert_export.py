@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import re
+import sys
+import tempfile
 import warnings
 from collections.abc import Iterator
 from dataclasses import replace
@@ -39,28 +42,43 @@ OBSERVERS = {"minmax": "MinMaxObserver", "entropy": "HistogramObserver",
 
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
-    """litert-torch prints progress and TF's C++ logs; the CLI prints its own lines."""
-    import litert_torch
+    """Silence litert-torch's progress lines and the C++ logs of TF/absl it triggers (they go
+    straight to file descriptors 1 and 2); errors still surface as exceptions."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 1)
+        os.dup2(sink.fileno(), 2)
+        try:
+            import litert_torch
 
-    old = litert_torch.config.show_progress
-    litert_torch.config.show_progress = False
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        litert_torch.config.show_progress = old
+            old = litert_torch.config.show_progress
+            litert_torch.config.show_progress = False
+            try:
+                with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+                    warnings.simplefilter("ignore")
+                    yield
+            finally:
+                litert_torch.config.show_progress = old
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
 
 
 def convert(module: torch.nn.Module, shape: list[int], quantizer: Any = None,
             calib: np.ndarray | None = None) -> bytes:
     """The .tflite bytes of ``module`` for a static input ``shape`` (INT8 when ``quantizer``)."""
-    import litert_torch
-
     module = module.eval().cpu()
     sample = torch.zeros(shape)
     try:
         with _quiet():
+            import litert_torch
+
             if quantizer is None:
                 return litert_torch.convert(module, (sample,)).model_content()
             from litert_torch.quantize.quant_config import QuantConfig
