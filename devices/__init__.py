@@ -1,4 +1,4 @@
-"""Torch-free device runtime (imported as ``edgekt.devices``): numpy + onnxruntime/OpenVINO.
+"""Torch-free device runtime (imported as ``edgekt.devices``): numpy + onnxruntime/OpenVINO/LiteRT.
 
 ``EdgeModel`` is imported on first use, so ``import edgekt.devices`` (and its light submodules,
 such as the runner and the fingerprint) cost nothing on a device until a model is loaded.
