@@ -15,6 +15,7 @@ place TFLite reserves for it, so a plain ``ai_edge_litert`` program can read it 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import os
 import re
@@ -32,6 +33,12 @@ from edgekt.errors import EdgektError
 from edgekt.exporters.base import EXPORTERS, Artifact, ExportContext, Exporter, meta_for
 from edgekt.io import atomic_write
 from edgekt.metadata import METADATA_KEY, ModelMeta
+
+# litert-torch is imported inside the conversion (it prints C++ logs when loaded); checking for
+# it here lets get_exporter() name the extra to install before any work is done.
+for _needed in ("litert_torch", "ai_edge_litert"):
+    if importlib.util.find_spec(_needed) is None:
+        raise ImportError(f"No module named {_needed!r}", name=_needed)
 
 FILES = {"fp32": "model.tflite", "int8": "model.int8.tflite"}
 # Activation observers of the PT2E quantizer; litert-torch's default is the histogram one

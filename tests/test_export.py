@@ -255,3 +255,15 @@ class TestLiteRTExporter(ExporterContract):
         with pytest.raises(EdgektError, match=r"operator 'aten\.histc.*' in module "
                                               r"'stats \(Histogram\)'"):
             convert(Net(), [1, 1, 28, 28])
+
+
+def test_missing_converter_names_the_extra(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "litert_torch" else real(name, *a))
+    monkeypatch.delitem(sys.modules, "edgekt.exporters.litert_export", raising=False)
+    with pytest.raises(EdgektError, match=r"needs a package that is not installed: No module "
+                                          r"named 'litert_torch'.*edgekt\[litert-export\]"):
+        get_exporter("litert")
