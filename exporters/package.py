@@ -4,6 +4,7 @@ Package layout (the names are stable; ``manifest.json`` lists what is present)::
 
     model.onnx  model.fp16.onnx  model.int8.onnx          ONNX target (onnxruntime)
     model.fp32.xml/.bin  model.fp16.xml/.bin  model.int8.xml/.bin   OpenVINO target
+    model.tflite  model.int8.tflite                                 LiteRT target (no fp16)
     head.npz        --part embedding only: weight (C, D), bias (C,), labels (C,)
     config.yaml     the training config stored in the checkpoint
     manifest.json   see ``edgekt.metadata`` (the package schema)
