@@ -1,4 +1,4 @@
-"""Torch-free device runtime (imported as ``edgekt.devices``): numpy + onnxruntime/OpenVINO.
+"""Torch-free device runtime (imported as ``edgekt.devices``): numpy + onnxruntime/OpenVINO/LiteRT.
 
 ``EdgeModel``, ``PrototypeClassifier``, ``ContinualLearner`` and ``LearnerConfig`` are
 imported on first use, so ``import edgekt.devices`` (and its light submodules,

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgekt.devices.backends import backend_class, default_backend, model_suffixes
 from edgekt.errors import EdgektError
-
-MODEL_SUFFIXES = (".onnx", ".xml")
-_RUNTIME_OF_SUFFIX = {".onnx": "onnxruntime", ".xml": "openvino"}
+from edgekt.metadata import MANIFEST_NAME, Manifest
 
 
 @dataclass(frozen=True)
@@ -41,9 +39,7 @@ class Artifact:
         if self.info.get("files"):
             names = [self.path.name] + [f for f in self.info["files"] if f != self.path.name]
             return [self.path.parent / f for f in names]
-        if self.path.suffix.lower() == ".xml":
-            return [self.path, self.path.with_suffix(".bin")]
-        return [self.path]
+        return backend_class(self.runtime).files_of(self.path)
 
 
 def find_artifacts(path: str | Path) -> list[Artifact]:
@@ -51,36 +47,26 @@ def find_artifacts(path: str | Path) -> list[Artifact]:
     path = Path(path)
     if not path.exists():
         raise EdgektError(f"{path}: no such file or directory")
+    suffixes = model_suffixes()
     if path.is_file():
-        if path.suffix.lower() not in MODEL_SUFFIXES:
-            raise EdgektError(f"{path}: not a model file; expected an .onnx or OpenVINO .xml file "
-                              "or an export directory (with manifest.json)")
-        return [Artifact(path, _RUNTIME_OF_SUFFIX[path.suffix.lower()])]
-    manifest = path / "manifest.json"
+        if path.suffix.lower() not in suffixes:
+            raise EdgektError(f"{path}: not a model file; expected a {'/'.join(suffixes)} model "
+                              f"file or an export directory (with {MANIFEST_NAME})")
+        return [Artifact(path, default_backend(path))]
+    manifest = path / MANIFEST_NAME
     if manifest.is_file():
         return _from_manifest(manifest)
-    found = sorted(p for p in path.iterdir() if p.suffix.lower() in MODEL_SUFFIXES)
+    found = sorted(p for p in path.iterdir() if p.suffix.lower() in suffixes)
     if not found:
-        raise EdgektError(f"{path}: no manifest.json and no .onnx/.xml model in this directory")
-    return [Artifact(p, _RUNTIME_OF_SUFFIX[p.suffix.lower()]) for p in found]
+        raise EdgektError(f"{path}: no {MANIFEST_NAME} and no {'/'.join(suffixes)} model in this "
+                          "directory")
+    return [Artifact(p, default_backend(p)) for p in found]
 
 
 def _from_manifest(manifest: Path) -> list[Artifact]:
-    try:
-        raw = json.loads(manifest.read_text())
-        entries = raw["artifacts"]
-        out = []
-        for entry in entries:
-            runtime = entry.get("runtime") or _RUNTIME_OF_SUFFIX.get(
-                Path(entry["file"]).suffix.lower(), "onnxruntime")
-            out.append(Artifact(manifest.parent / entry["file"], runtime, entry.get("precision"),
-                                entry.get("part"), dict(entry)))
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise EdgektError(f"{manifest}: not a valid edgekt manifest ({type(exc).__name__}: {exc}); "
-                          "expected {\"artifacts\": [{\"file\": ..., \"runtime\": ...}]}") from None
-    if not out:
-        raise EdgektError(f"{manifest}: lists no artifacts")
-    return out
+    m = Manifest.load(manifest)
+    return [Artifact(manifest.parent / e["file"], e.get("runtime") or default_backend(e["file"]),
+                     e.get("precision"), e.get("part"), dict(e)) for e in m.artifacts]
 
 
 def select_artifact(artifacts: list[Artifact], backend: str, *, precision: str | None = None,
@@ -93,8 +79,8 @@ def select_artifact(artifacts: list[Artifact], backend: str, *, precision: str |
                 and (part is None or a.part in (None, part)))
 
     native = [a for a in artifacts if a.runtime == backend and ok(a)]
-    fallback = [a for a in artifacts if a.path.suffix.lower() == ".onnx" and ok(a)] \
-        if backend == "openvino" else []
+    opens = backend_class(backend).suffixes
+    fallback = [a for a in artifacts if a.path.suffix.lower() in opens and ok(a)]
     pool = native or fallback
     if not pool:
         have = ", ".join(f"{a.path.name} ({a.runtime}, {a.precision or '?'}, {a.part or '?'})"

@@ -1,6 +1,7 @@
 """Build the self-contained runner: one ``.pyz`` file holding the torch-free runtime modules.
 
-A device needs only Python 3.10+, numpy and a runtime (onnxruntime or openvino); it does not
+A device needs only Python 3.10+, numpy and a runtime (onnxruntime, openvino, ai-edge-litert);
+it does not
 need edgekt installed. The bundle is built from the very modules this edgekt imports, so host
 and device run the same code; its name carries a content hash so a device keeps one copy per
 version.
@@ -19,12 +20,12 @@ from pathlib import Path
 from edgekt.io import atomic_write
 
 MODULES = (
-    "edgekt", "edgekt.errors", "edgekt.metadata", "edgekt.registry",
+    "edgekt", "edgekt.errors", "edgekt.io", "edgekt.metadata", "edgekt.registry",
     "edgekt.devices", "edgekt.devices.artifacts", "edgekt.devices.backends",
-    "edgekt.devices.backends.base", "edgekt.devices.backends.onnxruntime",
-    "edgekt.devices.backends.openvino", "edgekt.devices.preprocess", "edgekt.devices.model",
+    "edgekt.devices.backends.base", "edgekt.devices.preprocess", "edgekt.devices.model",
     "edgekt.devices.fingerprint", "edgekt.devices.profiler", "edgekt.devices.runner",
 )
+"""The runner's own modules; every registered backend module is added by :func:`modules`."""
 _MAIN = b"import sys\nfrom edgekt.devices.runner import main\nsys.exit(main())\n"
 
 
@@ -35,10 +36,17 @@ def _arcname(module: str, origin: Path) -> str:
     return "/".join(parts[:-1] + [origin.name])
 
 
+def modules() -> tuple[str, ...]:
+    """Everything the bundle holds: the runner's modules and one module per runtime backend."""
+    from edgekt.devices.backends import BACKENDS
+
+    return MODULES + tuple(BACKENDS.get(n).module for n in BACKENDS)
+
+
 def bundle_bytes() -> bytes:
     """The runner zip (deterministic: fixed timestamps, sorted entries)."""
     entries = {"__main__.py": _MAIN}
-    for module in MODULES:
+    for module in modules():
         spec = importlib.util.find_spec(module)
         if spec is None or spec.origin is None:
             raise RuntimeError(f"cannot find module {module} to bundle")

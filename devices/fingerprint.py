@@ -25,7 +25,16 @@ _FLAG_GROUPS = {
     "sve": ("sve",),
     "i8mm": ("i8mm",),
 }
-RUNTIMES = ("onnxruntime", "openvino", "numpy")
+# Host ids of runs stored before LiteRT existed hashed exactly these; runtimes added since count
+# only when installed, so an id does not change until the host does.
+_LEGACY_RUNTIMES = ("onnxruntime", "openvino", "numpy")
+
+
+def runtime_dists() -> list[str]:
+    """pip distributions whose versions describe a host: every registered runtime and numpy."""
+    from edgekt.devices.backends import BACKENDS
+
+    return [*(BACKENDS.get(n).dist for n in BACKENDS), "numpy"]
 
 
 def _cpuinfo() -> tuple[str, set[str], int | None]:
@@ -83,7 +92,7 @@ def _mem_total_mb() -> int | None:
 def runtime_versions() -> dict[str, str | None]:
     """Installed versions, read from package metadata (does not import the runtimes)."""
     out: dict[str, str | None] = {}
-    for name in RUNTIMES:
+    for name in runtime_dists():
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
@@ -115,7 +124,8 @@ def host_fingerprint() -> dict[str, Any]:
         "env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY",
                                            "OPENBLAS_NUM_THREADS") if k in os.environ},
     }
-    stable = {k: fp[k] for k in ("cpu_model", "machine", "cores_logical", "flags", "os",
-                                 "runtimes")}
+    stable = {k: fp[k] for k in ("cpu_model", "machine", "cores_logical", "flags", "os")}
+    stable["runtimes"] = {k: v for k, v in fp["runtimes"].items()
+                          if v is not None or k in _LEGACY_RUNTIMES}
     fp["id"] = hashlib.sha256(json.dumps(stable, sort_keys=True).encode()).hexdigest()[:12]
     return fp

@@ -1,4 +1,4 @@
-"""``EdgeModel``: an exported edgekt model on onnxruntime or OpenVINO, with no PyTorch."""
+"""``EdgeModel``: an exported edgekt model on onnxruntime, OpenVINO or LiteRT, with no PyTorch."""
 
 from __future__ import annotations
 
@@ -48,11 +48,11 @@ class EdgeModel:
     def load(cls, path: str | Path, backend: str | None = None, threads: int | None = None, *,
              precision: str | None = None, part: str | None = None,
              target: str = "CPU", config: dict[str, Any] | None = None) -> EdgeModel:
-        """Open an export directory (``manifest.json``) or one ``.onnx``/``.xml`` file.
+        """Open an export directory (``manifest.json``) or one ``.onnx``/``.xml``/``.tflite`` file.
 
         Args:
-            backend: ``onnxruntime`` (``ort``) or ``openvino`` (``ov``); default: the artifact's
-                native runtime, onnxruntime first.
+            backend: ``onnxruntime`` (``ort``), ``openvino`` (``ov``) or ``litert`` (``tflite``);
+                default: the artifact's native runtime, onnxruntime first.
             threads: intra-op threads (default: the runtime's choice).
             precision: pick this precision from an export directory (``fp32``, ``int8``, ...).
             part: ``classifier`` or ``embedding`` from an export directory.

@@ -1,4 +1,4 @@
-"""Exporters: edgekt checkpoints to ONNX and OpenVINO IR (imported as ``edgekt.exporters``).
+"""Exporters: edgekt checkpoints to ONNX, OpenVINO IR, LiteRT (imported as ``edgekt.exporters``).
 
 ``export_package(checkpoint, out_dir, targets=[...], precisions=[...])`` is the public entry
 point; it is imported lazily so that ``import edgekt.exporters`` stays light.

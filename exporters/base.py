@@ -1,9 +1,15 @@
-"""The exporter interface: one module per target (ONNX, OpenVINO), imported only when used.
+"""The exporter interface: one module per target (ONNX, OpenVINO, LiteRT), imported when used.
 
 Following nncf's backend split, everything target-independent (data, parity, the package) lives
-outside the targets; a target only knows how to write its files for a precision and how to run
-them. ``get_exporter("openvino")`` imports ``openvino_export`` on first use, so exporting to ONNX
-never imports OpenVINO and ``edgekt --help`` imports neither.
+outside the targets; a target only knows how to write its files for a precision. Running them
+is not its business: the parity gate and INT8 accuracy control open every file with the
+``edgekt.devices`` backend of the target's runtime (:func:`artifact_runner`), the code that ships
+to devices. ``get_exporter("openvino")`` imports ``openvino_export`` on first use, so exporting
+to ONNX never imports OpenVINO and ``edgekt --help`` imports neither.
+
+Adding a target: one module with an ``@EXPORTERS.register(name)`` class and one
+``TARGETS.register(name)("module path")`` line below (plus the runtime's backend module and its
+line in ``edgekt.devices.backends``).
 """
 
 from __future__ import annotations
@@ -11,15 +17,15 @@ from __future__ import annotations
 import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
 from edgekt.errors import EdgektError
-from edgekt.metadata import ModelMeta
-from edgekt.registry import Registry, unknown_name_message
+from edgekt.metadata import ArtifactEntry, ModelMeta
+from edgekt.registry import Registry
 
 if TYPE_CHECKING:
     import torch
@@ -30,11 +36,24 @@ PRECISIONS = ("fp32", "fp16", "int8")
 CALIB_METHODS = ("minmax", "entropy", "percentile")
 
 EXPORTERS: Registry[type[Exporter]] = Registry("export target")
-# target name -> module that registers it (imported lazily by get_exporter).
-TARGET_MODULES = {
-    "onnx": "edgekt.exporters.onnx_export",
-    "openvino": "edgekt.exporters.openvino_export",
-}
+"""Exporter classes, filled when their module is imported."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a target's exporter lives and which extra installs its converter."""
+
+    module: str
+    """Imported by :func:`get_exporter` on first use; it registers the class in EXPORTERS."""
+    extra: str
+    """What to ``pip install`` when that import fails."""
+
+
+TARGETS: Registry[Target] = Registry("export target")
+TARGETS.register("onnx")(Target("edgekt.exporters.onnx_export", "edgekt[export]"))
+TARGETS.register("openvino")(Target("edgekt.exporters.openvino_export",
+                                    "edgekt[export,openvino]"))
+TARGETS.register("litert")(Target("edgekt.exporters.litert_export", "edgekt[litert-export]"))
 
 Runner = Callable[[np.ndarray], np.ndarray]
 """Runs a float32 NCHW batch (any size) through an artifact and returns its output."""
@@ -83,22 +102,8 @@ class ExportContext:
         return self._onnx_fp32
 
 
-@dataclass
-class Artifact:
-    """One model file set in the package (paths relative to the package directory)."""
-
-    file: str
-    """The file a runtime opens (``model.onnx``, ``model.fp16.xml``)."""
-    files: list[str]
-    """Every file of the artifact (``.xml`` and its ``.bin``)."""
-    target: str
-    runtime: str
-    precision: str
-    part: str
-    runtime_config: dict[str, Any] = field(default_factory=dict)
-    """Settings the runtime needs to reproduce the parity numbers (e.g. OpenVINO's precision)."""
-    quantization: dict[str, Any] | None = None
-    parity: dict[str, Any] | None = None
+Artifact = ArtifactEntry
+"""One model file set in the package (paths relative to the package directory)."""
 
 
 class Exporter(ABC):
@@ -106,20 +111,38 @@ class Exporter(ABC):
 
     name: ClassVar[str]
     runtime: ClassVar[str]
+    """The ``edgekt.devices`` backend that runs its files (parity and devices alike)."""
     precisions: ClassVar[tuple[str, ...]]
 
     @abstractmethod
     def export(self, ctx: ExportContext, precision: str) -> Artifact:
         """Write the artifact for ``precision`` into ``ctx.workdir``, metadata embedded."""
 
-    @abstractmethod
     def runner(self, path: Path, *, runtime_config: dict[str, Any] | None = None,
                threads: int | None = None) -> Runner:
-        """Load an artifact written by :meth:`export` for inference."""
+        """The artifact on its device backend (what parity and accuracy control run)."""
+        return artifact_runner(path, self.runtime, config=runtime_config, threads=threads)
 
-    @abstractmethod
     def read_meta(self, path: Path) -> ModelMeta:
-        """Read the embedded ``ModelMeta`` back from an artifact."""
+        """The ``ModelMeta`` embedded in an artifact, read by its device backend."""
+        from edgekt.devices.backends import open_backend
+
+        text = open_backend(path, self.runtime).metadata()
+        if text is None:
+            raise EdgektError(f"{path}: no edgekt metadata (not exported by edgekt?)")
+        return ModelMeta.from_json(text)
+
+
+def artifact_runner(path: Path, runtime: str, *, config: dict[str, Any] | None = None,
+                    threads: int | None = None) -> Runner:
+    """Open ``path`` with the ``edgekt.devices`` backend ``runtime``; the runner takes float32
+    NCHW batches of any size (chunked, and padded for a model with a static batch)."""
+    from edgekt.devices.backends import open_backend
+
+    backend = open_backend(path, runtime, threads=threads, config=config)
+    batch = backend.input.shape[0] if backend.input.shape and backend.input.shape[0] > 0 \
+        else None
+    return lambda x: run_batched(lambda chunk: backend.run(chunk)[0], x, batch)
 
 
 def meta_for(meta: ModelMeta, precision: str, **extra: Any) -> ModelMeta:
@@ -129,13 +152,15 @@ def meta_for(meta: ModelMeta, precision: str, **extra: Any) -> ModelMeta:
 
 def get_exporter(name: str) -> Exporter:
     """Import the target's module on first use and return an exporter instance."""
-    if name not in TARGET_MODULES:
-        raise EdgektError("--to: " + unknown_name_message("export target", name, TARGET_MODULES))
     try:
-        importlib.import_module(TARGET_MODULES[name])
+        target = TARGETS.get(name)
+    except EdgektError as exc:
+        raise EdgektError(f"--to: {exc}") from None
+    try:
+        importlib.import_module(target.module)
     except ImportError as exc:
         raise EdgektError(f"export target {name!r} needs a package that is not installed: {exc}. "
-                          "Install it with: pip install 'edgekt[export,openvino]'") from None
+                          f"Install it with: pip install '{target.extra}'") from None
     return EXPORTERS.get(name)()
 
 

@@ -8,7 +8,6 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnx
 import torch
 
@@ -18,9 +17,7 @@ from edgekt.exporters.base import (
     Artifact,
     ExportContext,
     Exporter,
-    Runner,
     meta_for,
-    run_batched,
 )
 from edgekt.io import atomic_write
 from edgekt.metadata import METADATA_KEY, ModelMeta
@@ -125,28 +122,6 @@ def locate_export_failure(module: torch.nn.Module, x: torch.Tensor, opset: int) 
         name, current = child
 
 
-class OrtRunner:
-    """An onnxruntime CPU session called on float32 NCHW batches."""
-
-    def __init__(self, path: Path, threads: int | None = None) -> None:
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
-            opts.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        inp = self.session.get_inputs()[0]
-        self.input_name = inp.name
-        self.batch = inp.shape[0] if isinstance(inp.shape[0], int) else None
-
-    def infer(self, x: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: x})[0]
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        return run_batched(self.infer, x, self.batch)
-
-
 @EXPORTERS.register("onnx")
 class OnnxExporter(Exporter):
     """``model.onnx`` (FP32), ``model.fp16.onnx`` (FP16 weights and compute, FP32 input/output)
@@ -185,16 +160,5 @@ class OnnxExporter(Exporter):
         onnx.checker.check_model(model)
         save_onnx(model, out)
 
-    def runner(self, path: Path, *, runtime_config: dict[str, Any] | None = None,
-               threads: int | None = None) -> Runner:
-        return OrtRunner(path, threads)
 
-    def read_meta(self, path: Path) -> ModelMeta:
-        model = onnx.load(path, load_external_data=False)
-        props = {p.key: p.value for p in model.metadata_props}
-        if METADATA_KEY not in props:
-            raise EdgektError(f"{path}: no edgekt metadata (not exported by edgekt?)")
-        return ModelMeta.from_json(props[METADATA_KEY])
-
-
-__all__ = ["OnnxExporter", "OrtRunner", "export_onnx", "save_onnx", "set_metadata"]
+__all__ = ["OnnxExporter", "export_onnx", "save_onnx", "set_metadata"]

@@ -6,7 +6,6 @@ Metadata goes into the IR's ``rt_info`` under ``edgekt`` (read it back with
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,39 +19,15 @@ from edgekt.exporters.base import (
     Exporter,
     Runner,
     meta_for,
-    run_batched,
     static_batch,
 )
-from edgekt.metadata import METADATA_KEY, ModelMeta
+from edgekt.metadata import METADATA_KEY
 
 # The CPU plugin runs FP32 IRs in bf16 on CPUs that support it (it does on AVX512-BF16/AMX
 # machines), which moves logits by ~1e-2. FP32 artifacts therefore record an explicit f32
 # inference precision; devices should pass ``runtime_config`` to ``compile_model``.
 F32_CONFIG = {"INFERENCE_PRECISION_HINT": "f32"}
 NNCF_ESTIMATORS = {"minmax": "MINMAX", "percentile": "MEAN_QUANTILE", "entropy": "HISTOGRAM"}
-
-
-class OvRunner:
-    """A compiled OpenVINO CPU model called on float32 NCHW batches."""
-
-    def __init__(self, model: Path | ov.Model, config: dict[str, Any] | None = None,
-                 threads: int | None = None) -> None:
-        config = dict(config or {})
-        if threads:
-            config["INFERENCE_NUM_THREADS"] = threads
-        core = ov.Core()
-        if not isinstance(model, ov.Model):
-            model = core.read_model(model)
-        shape = model.input(0).get_partial_shape()
-        self.batch = shape[0].get_length() if shape[0].is_static else None
-        self.request = core.compile_model(model, "CPU", config).create_infer_request()
-
-    def infer(self, x: np.ndarray) -> np.ndarray:
-        self.request.infer({0: x})
-        return self.request.get_output_tensor(0).data.copy()
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        return run_batched(self.infer, x, self.batch)
 
 
 @EXPORTERS.register("openvino")
@@ -101,7 +76,7 @@ class OpenVINOExporter(Exporter):
                 activations_range_estimator_params=estimator,
                 disable_bias_correction=bias_correction == "none")
             q = nncf.quantize(model.clone(), calib, advanced_parameters=advanced, **common)
-            out = OvRunner(q, threads=opts.threads)(data.val_x)
+            out = self._run_on_backend(ctx, q, f"int8.{bias_correction}")(data.val_x)
             agreement = float((data.logits(out).argmax(1) == ref_top1).mean())
             tried.append({"bias_correction": bias_correction, "agreement": agreement,
                           "val_acc": data.val_accuracy(out)})
@@ -123,7 +98,7 @@ class OpenVINOExporter(Exporter):
                 model, calib, val, validate, max_drop=opts.max_drop / 100,
                 drop_type=nncf.DropType.ABSOLUTE,
                 advanced_quantization_parameters=advanced, **common)
-            acc = data.val_accuracy(OvRunner(q, threads=opts.threads)(data.val_x))
+            acc = data.val_accuracy(self._run_on_backend(ctx, q, "int8.aac")(data.val_x))
         info = {"tool": tool, "preset": "performance", "calib_method": opts.calib_method,
                 "range_estimator": NNCF_ESTIMATORS[opts.calib_method],
                 "bias_correction": bias_correction, "calib_samples": len(data.calib_x),
@@ -138,15 +113,12 @@ class OpenVINOExporter(Exporter):
                 "--calib-method, more --calib-samples, or ship the FP32/FP16 artifact.")
         return q, info
 
-    def runner(self, path: Path, *, runtime_config: dict[str, Any] | None = None,
-               threads: int | None = None) -> Runner:
-        return OvRunner(path, runtime_config, threads)
-
-    def read_meta(self, path: Path) -> ModelMeta:
-        model = ov.Core().read_model(path)
-        if not model.has_rt_info(METADATA_KEY):
-            raise EdgektError(f"{path}: no edgekt metadata in rt_info (not exported by edgekt?)")
-        return ModelMeta.from_json(model.get_rt_info(METADATA_KEY).astype(str))
+    def _run_on_backend(self, ctx: ExportContext, model: ov.Model, name: str) -> Runner:
+        """A candidate IR saved to scratch and opened by the device backend that will ship it."""
+        xml = ctx.scratch / f"{name}.xml"
+        model.set_rt_info(meta_for(ctx.meta, "int8").to_json(), METADATA_KEY)
+        ov.save_model(model, str(xml), compress_to_fp16=False)
+        return self.runner(xml, threads=ctx.options.threads)
 
 
 def _chunks(x: np.ndarray, batch: int) -> list[np.ndarray]:

@@ -4,9 +4,10 @@ Package layout (the names are stable; ``manifest.json`` lists what is present)::
 
     model.onnx  model.fp16.onnx  model.int8.onnx          ONNX target (onnxruntime)
     model.fp32.xml/.bin  model.fp16.xml/.bin  model.int8.xml/.bin   OpenVINO target
+    model.tflite  model.int8.tflite                                 LiteRT target (no fp16)
     head.npz        --part embedding only: weight (C, D), bias (C,), labels (C,)
     config.yaml     the training config stored in the checkpoint
-    manifest.json   see ``edgekt.exporters.manifest``
+    manifest.json   see ``edgekt.metadata`` (the package schema)
 
 The package is assembled in a hidden temp directory next to ``out_dir`` and renamed into place
 only after every artifact passed the parity gate, so a failure never leaves a partial package.
@@ -37,9 +38,9 @@ from edgekt.exporters.base import (
     ExportOptions,
     get_exporter,
 )
-from edgekt.exporters.manifest import FORMAT, Manifest
 from edgekt.exporters.parity import ParityError, apply_gate, measure, reference
 from edgekt.io import atomic_write, atomic_write_text, check_writable
+from edgekt.metadata import PACKAGE_FORMAT, Manifest
 
 PARTS = ("classifier", "embedding")
 
@@ -67,8 +68,9 @@ def export_package(
     Args:
         checkpoint: an edgekt checkpoint (``last.pt``/``best.pt``).
         out_dir: the package directory; refused if it exists unless ``force``.
-        targets: ``onnx`` and/or ``openvino``.
-        precisions: ``fp32``, ``fp16``, ``int8`` (each produced for every target).
+        targets: names of the ``TARGETS`` registry (``onnx``, ``openvino``, ``litert``).
+        precisions: ``fp32``, ``fp16``, ``int8`` (each produced for every target that has it;
+            LiteRT has no fp16).
         part: ``classifier`` (logits) or ``embedding`` (trunk only, head in ``head.npz``).
         data_dir: where the checkpoint's dataset lives (calibration and parity use real data).
         splits: already loaded splits of the checkpoint's dataset (skips loading).
@@ -138,25 +140,28 @@ def export_package(
         for target in targets:
             exporter = get_exporter(target)
             for precision in precisions:
+                if precision not in exporter.precisions:
+                    say(f"{target}: no {precision} artifact (it exports "
+                        f"{', '.join(exporter.precisions)})")
+                    continue
                 t0 = time.perf_counter()
                 art = exporter.export(ctx, precision)
-                export_s = time.perf_counter() - t0
+                art.export_s = round(time.perf_counter() - t0, 3)
+                # Parity runs the file on the edgekt.devices backend that ships it.
                 run = exporter.runner(work / art.file, runtime_config=art.runtime_config,
                                       threads=opts.threads)
                 threshold = min_agreement_int8 if precision == "int8" else min_agreement
                 art.parity = apply_gate(measure(run, data), threshold)
-                record = asdict(art)
-                record["export_s"] = round(export_s, 3)
-                artifacts.append(record)
+                artifacts.append(asdict(art))
                 say(f"{art.file}: agreement {art.parity['agreement']:.4f}, test acc "
-                    f"{art.parity['test_acc']:.4f} ({export_s:.1f} s)")
+                    f"{art.parity['test_acc']:.4f} ({art.export_s:.1f} s)")
         failed = [a for a in artifacts if not a["parity"]["passed"]]
         if part == "embedding":
             _write_head(work / "head.npz", head, info.labels)
         atomic_write_text(work / "config.yaml", yaml.safe_dump(ckpt.get("config", {}),
                                                                sort_keys=False))
         manifest = Manifest(
-            format=FORMAT, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            format=PACKAGE_FORMAT, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             edgekt_version=edgekt.__version__,
             source={"checkpoint": str(checkpoint), "sha256": sha, "model": meta.model_name,
                     "dataset": info.name, "method": ckpt.get("method", {}).get("method")},
@@ -222,8 +227,13 @@ def _check_selection(targets: Sequence[str], precisions: Sequence[str], part: st
     bad = [p for p in precisions if p not in PRECISIONS]
     if bad:
         raise EdgektError(f"--precision {bad}: expected some of {', '.join(PRECISIONS)}")
-    for t in targets:
-        get_exporter(t)  # unknown or uninstalled targets fail before any work is done
+    # Unknown or uninstalled targets fail before any work is done.
+    exporters = [get_exporter(t) for t in targets]
+    orphans = [p for p in precisions if not any(p in e.precisions for e in exporters)]
+    if orphans:
+        have = "; ".join(f"{e.name}: {', '.join(e.precisions)}" for e in exporters)
+        raise EdgektError(f"--precision {','.join(orphans)}: no selected target exports it "
+                          f"({have})")
     return targets, precisions
 
 

@@ -1,10 +1,11 @@
 """Benchmark exported artifacts of a Fashion-MNIST student and teacher.
 
-For each checkpoint: export ONNX + OpenVINO at FP32/FP16/INT8 (INT8 calibrated on real training
-images), then report per artifact the test accuracy and top-1 agreement with PyTorch (from the
-parity gate), file size, and batch-1 latency (load, first call, p50/p90 of steady state), each
-backend timed in its own subprocess so runtimes do not disturb each other. Prints the CPU flags
-that decide whether INT8 can be fast, and recommends FP32 wherever INT8 is slower.
+For each checkpoint: export ONNX + OpenVINO at FP32/FP16/INT8 and LiteRT at FP32/INT8 (when
+``edgekt[litert-export]`` is installed; INT8 calibrated on real training images), then report
+per artifact the test accuracy and top-1 agreement with PyTorch (from the parity gate), file
+size, and batch-1 latency (load, first call, p50/p90 of steady state), each backend timed in
+its own subprocess so runtimes do not disturb each other. Prints the CPU flags that decide
+whether INT8 can be fast, and recommends FP32 wherever INT8 is slower.
 
     python scripts/bench_export.py --student runs/student/best.pt --teacher runs/teacher/best.pt \
         --out bench_export.json
@@ -65,6 +66,19 @@ def worker(kind: str, path: str, x_path: str, threads: int, runs: int, config: s
 
         def infer():
             return sess.run(None, {name: x})
+    elif kind == "litert":
+        from ai_edge_litert.interpreter import Interpreter
+
+        it = Interpreter(model_path=path, num_threads=threads)
+        it.allocate_tensors()
+        inp, out = it.get_input_details()[0], it.get_output_details()[0]
+        scale, zero = inp["quantization"]
+        xq = (np.clip(np.round(x / scale) + zero, -128, 127) if scale else x).astype(inp["dtype"])
+
+        def infer():  # the app's loop: set, invoke, read (int8 I/O as the file has it)
+            it.set_tensor(inp["index"], xq)
+            it.invoke()
+            return it.get_tensor(out["index"])
     else:
         import openvino as ov
 
@@ -122,7 +136,7 @@ def bench_model(role: str, ckpt: Path, work: Path, args: argparse.Namespace) -> 
     out = work / f"pkg_{role}"
     t0 = time.perf_counter()
     manifest = export_package(
-        ckpt, out, targets=["onnx", "openvino"], precisions=["fp32", "fp16", "int8"],
+        ckpt, out, targets=args.targets, precisions=["fp32", "fp16", "int8"],
         force=True, allow_mismatch=True, val_samples=args.val_samples,
         test_samples=args.test_samples, calib_samples=args.calib_samples,
         data_dir=args.data_dir, threads=args.threads, log=lambda m: print(f"  [{role}] {m}"))
@@ -164,7 +178,7 @@ def _sample_path(manifest, work: Path, role: str) -> Path:
 def recommend(rows: list[dict]) -> list[str]:
     notes = []
     for model in dict.fromkeys(r["model"] for r in rows):
-        for rt in ("onnxruntime", "openvino"):
+        for rt in dict.fromkeys(r["runtime"] for r in rows if r["runtime"] != "torch"):
             by = {r["precision"]: r for r in rows if r["model"] == model and r["runtime"] == rt}
             if "fp32" not in by or "int8" not in by:
                 continue
@@ -176,6 +190,18 @@ def recommend(rows: list[dict]) -> list[str]:
             else:
                 notes.append(f"{model}/{rt}: keep FP32 - INT8 is SLOWER ({q['p50_ms']:.3f} vs "
                              f"{f['p50_ms']:.3f} ms p50; drop {drop:+.2f} pt)")
+    student = [r for r in rows if r["model"] == "student"]
+    lite = next((r for r in student if r["runtime"] == "litert" and r["precision"] == "int8"),
+                None)
+    others = [r for r in student if r["runtime"] in ("onnxruntime", "openvino")]
+    if lite and others:
+        best = min(others, key=lambda r: r["p50_ms"])
+        ref = next(r for r in student if r["runtime"] == "torch")
+        drop = 100 * (ref["test_acc"] - lite["test_acc"])
+        notes.append(f"student LiteRT INT8 vs the fastest ONNX Runtime/OpenVINO artifact "
+                     f"({best['artifact']}, {best['runtime']}): "
+                     f"{best['p50_ms'] / lite['p50_ms']:.2f}x faster, accuracy drop vs "
+                     f"PyTorch {drop:+.2f} pt (target: >= 1.5x at <= 0.3 pt)")
     eager = {r["model"]: r for r in rows if r["runtime"] == "torch"}
     if {"student", "teacher"} <= set(eager):
         best = min((r for r in rows if r["model"] == "student" and r["runtime"] != "torch"),
@@ -207,6 +233,13 @@ def main() -> None:
     args.val_samples = 500 if args.quick else 1000
     args.test_samples = 2000 if args.quick else None
     args.calib_samples = 300
+    import importlib.util
+
+    args.targets = ["onnx", "openvino"]
+    if importlib.util.find_spec("litert_torch") is not None:
+        args.targets.append("litert")
+    else:
+        print("litert-torch is not installed: no LiteRT rows (pip install -e '.[litert-export]')")
 
     import torch
     from rich.console import Console

@@ -14,6 +14,9 @@
    ``PYTHONDONTWRITEBYTECODE`` set and edgekt installed editable, every start would compile
    edgekt's sources while onnxruntime's shipped .pyc files load, which is not what a device
    sees. The children get a private ``PYTHONPYCACHEPREFIX`` and one untimed warm-up round.
+4. LiteRT (when ``edgekt[litert-export]`` is installed): the same models as ``.tflite``; edgekt's
+   p50 vs a bare ``Interpreter.invoke`` loop on the same file in its own process (target
+   within ±5%), and cold start vs a bare interpreter process (target ≤ 1.1×).
 
 Models: the student (cnn_xs) and a teacher (resnet18, 1-channel 28 px) exported to ONNX with
 edgekt metadata; latency does not depend on weight values, so fresh weights are used unless
@@ -61,7 +64,48 @@ def export_models(out: Path) -> dict[str, Path]:
                           embedding_dim=net.embedding_dim)
         paths[role] = out / f"{role}.onnx"
         export_onnx(net, meta, paths[role])
+        if litert_available():
+            from edgekt.exporters.litert_export import convert, embed_metadata
+
+            data = convert(net, meta.input.shape)
+            (out / f"{role}.tflite").write_bytes(embed_metadata(data, meta.to_json()))
     return paths
+
+
+def litert_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("litert_torch") is not None
+
+
+BARE_LITERT = r"""
+import json, sys, time, numpy as np
+from ai_edge_litert.interpreter import Interpreter
+path, threads, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+it = Interpreter(model_path=path, num_threads=threads)
+it.allocate_tensors()
+inp = it.get_input_details()[0]
+it.set_tensor(inp["index"], np.zeros(inp["shape"], inp["dtype"]))
+invoke, clock = it.invoke, time.perf_counter_ns
+for _ in range(50):
+    invoke()
+samples, deadline = [], clock() + int(seconds * 1e9)
+while True:
+    t0 = clock()
+    invoke()
+    t1 = clock()
+    samples.append(t1 - t0)
+    if t1 >= deadline and len(samples) >= 10:
+        break
+print(json.dumps({"p50": float(np.median(samples)) / 1e6, "n": len(samples)}))
+"""
+
+
+def bare_litert_p50(path: Path, threads: int, seconds: float) -> float:
+    proc = subprocess.run([sys.executable, "-c", BARE_LITERT, str(path), str(threads),
+                           str(seconds)], capture_output=True, text=True, check=True,
+                          cwd=tempfile.gettempdir())
+    return json.loads(proc.stdout.strip().splitlines()[-1])["p50"]
 
 
 def edgekt_p50(path: Path, backend: str, threads: int, seconds: float) -> dict:
@@ -142,27 +186,40 @@ PEAK = ("def peak_kb():\n"
         "    for line in open('/proc/self/status'):\n"
         "        if line.startswith('VmHWM:'):\n"
         "            return int(line.split()[1])\n")
-COLD = {
-    "onnxruntime": (PEAK + "import numpy as np, onnxruntime as ort\n"
-                    "s = ort.InferenceSession({path!r}, providers=['CPUExecutionProvider'])\n"
-                    "s.run(None, {{s.get_inputs()[0].name: np.zeros((1,1,28,28), np.float32)}})\n"
-                    "print(peak_kb())\n"),
-    "edgekt": (PEAK + "import numpy as np\n"
+EDGEKT_COLD = (PEAK + "import numpy as np\n"
                "from edgekt.devices import EdgeModel\n"
                "m = EdgeModel.load({path!r})\n"
                "m.predict(np.zeros((28, 28), np.uint8))\n"
-               "print(peak_kb())\n"),
+               "print(peak_kb())\n")
+COLD = {
+    "bare": (PEAK + "import numpy as np, onnxruntime as ort\n"
+                    "s = ort.InferenceSession({path!r}, providers=['CPUExecutionProvider'])\n"
+                    "s.run(None, {{s.get_inputs()[0].name: np.zeros((1,1,28,28), np.float32)}})\n"
+                    "print(peak_kb())\n"),
+    "edgekt": EDGEKT_COLD,
+}
+COLD_LITERT = {
+    "bare": (PEAK + "import numpy as np\n"
+                    "from ai_edge_litert.interpreter import Interpreter\n"
+                    "it = Interpreter(model_path={path!r})\n"
+                    "it.allocate_tensors()\n"
+                    "d = it.get_input_details()[0]\n"
+                    "it.set_tensor(d['index'], np.zeros(d['shape'], d['dtype']))\n"
+                    "it.invoke()\n"
+                    "it.get_tensor(it.get_output_details()[0]['index'])\n"
+                    "print(peak_kb())\n"),
+    "edgekt": EDGEKT_COLD,
 }
 
 
-def cold_start(path: Path, repeats: int) -> dict:
-    times: dict[str, list[float]] = {k: [] for k in COLD}
-    rss: dict[str, list[float]] = {k: [] for k in COLD}
+def cold_start(path: Path, repeats: int, codes: dict[str, str] = COLD) -> dict:
+    times: dict[str, list[float]] = {k: [] for k in codes}
+    rss: dict[str, list[float]] = {k: [] for k in codes}
     pyc = tempfile.mkdtemp(prefix="bench_profile_pyc_")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
     env["PYTHONPYCACHEPREFIX"] = pyc
     for i in range(repeats + 1):
-        for name, code in COLD.items():  # alternate, so drift in load hits both alike
+        for name, code in codes.items():  # alternate, so drift in load hits both alike
             t0 = time.perf_counter()
             proc = subprocess.run([sys.executable, "-c", code.format(path=str(path))],
                                   capture_output=True, text=True, check=True,
@@ -172,11 +229,41 @@ def cold_start(path: Path, repeats: int) -> dict:
             times[name].append(time.perf_counter() - t0)
             rss[name].append(int(proc.stdout.split()[-1]) / 1024)
     shutil.rmtree(pyc, ignore_errors=True)
-    med = {k: (statistics.median(times[k]), statistics.median(rss[k])) for k in COLD}
-    return {"edgekt_s": med["edgekt"][0], "ort_s": med["onnxruntime"][0],
-            "time_ratio": med["edgekt"][0] / med["onnxruntime"][0],
-            "edgekt_rss_mb": med["edgekt"][1], "ort_rss_mb": med["onnxruntime"][1],
-            "rss_delta_mb": med["edgekt"][1] - med["onnxruntime"][1], "repeats": repeats}
+    med = {k: (statistics.median(times[k]), statistics.median(rss[k])) for k in codes}
+    return {"edgekt_s": med["edgekt"][0], "bare_s": med["bare"][0],
+            "time_ratio": med["edgekt"][0] / med["bare"][0],
+            "edgekt_rss_mb": med["edgekt"][1], "bare_rss_mb": med["bare"][1],
+            "rss_delta_mb": med["edgekt"][1] - med["bare"][1], "repeats": repeats}
+
+
+def bench_litert(work: Path, models: dict[str, Path], threads: int, seconds: float,
+                 rounds: int, repeats: int) -> dict:
+    """edgekt's litert backend vs a bare Interpreter on the same .tflite files."""
+    out: dict = {"latency": {}}
+    table = Table(title=f"LiteRT p50 latency, batch 1, {threads} thread(s), ms")
+    for col in ("model", "edgekt litert", "bare invoke loop", "ratio", "edgekt ort"):
+        table.add_column(col, justify="right")
+    for role, onnx_path in models.items():
+        path = work / f"{role}.tflite"
+        ours, bare = [], []
+        for _ in range(rounds):  # alternate, so load drift hits both alike
+            ours.append(edgekt_p50(path, "litert", threads, seconds)["p50"])
+            bare.append(bare_litert_p50(path, threads, seconds))
+        ort = edgekt_p50(onnx_path, "onnxruntime", threads, seconds)["p50"]
+        r = {"edgekt_litert_p50": statistics.median(ours),
+             "bare_invoke_p50": statistics.median(bare), "edgekt_ort_p50": ort}
+        r["ratio"] = r["edgekt_litert_p50"] / r["bare_invoke_p50"]
+        out["latency"][role] = r
+        table.add_row(role, f"{r['edgekt_litert_p50']:.4f}", f"{r['bare_invoke_p50']:.4f}",
+                      f"{r['ratio']:.3f}", f"{ort:.4f}")
+    console.print(table)
+    cold = cold_start(work / "student.tflite", repeats, COLD_LITERT)
+    out["cold_start"] = c = cold
+    console.print(f"LiteRT cold start (process start -> first prediction), median of {repeats}: "
+                  f"edgekt {c['edgekt_s']:.3f} s vs bare interpreter {c['bare_s']:.3f} s "
+                  f"= {c['time_ratio']:.3f}x (target <= 1.1x); peak RSS "
+                  f"{c['edgekt_rss_mb']:.0f} MB vs {c['bare_rss_mb']:.0f} MB")
+    return out
 
 
 def main() -> None:
@@ -250,11 +337,15 @@ def main() -> None:
                   f"({o['empty_loop_pct_of_p50']:.2f}%)")
 
     cold = cold_start(student, 3 if args.quick else 7)
+    cold["ort_s"], cold["ort_rss_mb"] = cold.pop("bare_s"), cold.pop("bare_rss_mb")
     results["cold_start"] = cold
     console.print(f"cold start (process start -> first prediction), median of {cold['repeats']}: "
                   f"edgekt {cold['edgekt_s']:.3f} s vs bare onnxruntime {cold['ort_s']:.3f} s "
                   f"= {cold['time_ratio']:.3f}x; peak RSS {cold['edgekt_rss_mb']:.0f} MB vs "
                   f"{cold['ort_rss_mb']:.0f} MB ({cold['rss_delta_mb']:+.1f} MB)")
+    if litert_available() and not args.models:
+        results["litert"] = bench_litert(work, models, args.threads, seconds, rounds,
+                                         3 if args.quick else 7)
     results["loadavg_after"] = os.getloadavg()
     console.print(f"[dim]load average before/after: {results['loadavg']} / "
                   f"{results['loadavg_after']} (2 shared cores: ratios, not absolutes)[/]")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +44,7 @@ def build(root: Path, checkpoint: Path, splits) -> DeviceModels:
     from edgekt.engine.setup import model_from_checkpoint
     from edgekt.exporters.meta import build_meta
     from edgekt.exporters.onnx_export import export_onnx
-    from edgekt.metadata import METADATA_KEY
+    from edgekt.metadata import METADATA_KEY, ArtifactEntry, Manifest
     from edgekt.models.base import Embedding
 
     torch.set_num_threads(1)
@@ -68,17 +68,19 @@ def build(root: Path, checkpoint: Path, splits) -> DeviceModels:
     ir = ov.convert_model(str(paths["classifier"]))
     ir.set_rt_info(cls_meta.to_json(), METADATA_KEY)
     ov.save_model(ir, str(pkg / "model.fp32.xml"), compress_to_fp16=False)
-    art = {"target": "onnx", "runtime": "onnxruntime", "precision": "fp32", "part": "classifier",
-           "runtime_config": {}, "parity": {"test_acc": 0.81, "val_acc": 0.8}}
-    manifest = {"format": "edgekt.package/1", "part": "classifier", "artifacts": [
-        {**art, "file": "model.onnx", "files": ["model.onnx"]},
-        {**art, "file": "model.embedding.onnx", "files": ["model.embedding.onnx"],
-         "part": "embedding", "parity": None},
-        {**art, "file": "model.fp32.xml", "files": ["model.fp32.xml", "model.fp32.bin"],
-         "target": "openvino", "runtime": "openvino",
-         "runtime_config": {"INFERENCE_PRECISION_HINT": "f32"}, "parity": {"test_acc": 0.8}},
-    ]}
-    (pkg / "manifest.json").write_text(json.dumps(manifest))
+    # Written through the package schema the exporter uses (edgekt.metadata), not re-typed.
+    common_art = {"target": "onnx", "runtime": "onnxruntime", "precision": "fp32",
+                  "part": "classifier"}
+    Manifest(part="classifier", artifacts=[asdict(a) for a in (
+        ArtifactEntry(file="model.onnx", files=["model.onnx"], **common_art,
+                      parity={"test_acc": 0.81, "val_acc": 0.8}),
+        ArtifactEntry(file="model.embedding.onnx", files=["model.embedding.onnx"],
+                      **{**common_art, "part": "embedding"}),
+        ArtifactEntry(file="model.fp32.xml", files=["model.fp32.xml", "model.fp32.bin"],
+                      **{**common_art, "target": "openvino", "runtime": "openvino"},
+                      runtime_config={"INFERENCE_PRECISION_HINT": "f32"},
+                      parity={"test_acc": 0.8}),
+    )]).save(pkg / "manifest.json")
 
     images = splits.test.images[:16, 0].numpy()
     x = (torch.from_numpy(images.astype(np.float32))[:, None] / 255 - info.mean[0]) / info.std[0]
@@ -104,3 +106,36 @@ def device_models(tmp_path_factory, tiny_checkpoint, fashion_splits) -> DeviceMo
     if (root / "labels.json").is_file():  # already built by another test module
         return load(root)
     return build(root, tiny_checkpoint, fashion_splits)
+
+
+@dataclass
+class LiteRTModels:
+    classifier: Path
+    """FP32 .tflite of the device_models classifier (static batch 1), edgekt metadata embedded."""
+    nometa: Path
+    """The same model without the metadata."""
+
+
+@pytest.fixture(scope="session")
+def litert_models(device_models, tiny_checkpoint) -> LiteRTModels:
+    """.tflite twins of ``device_models`` (built with litert-torch, about 5 s)."""
+    root = device_models.root / "litert"
+    out = LiteRTModels(root / "classifier.tflite", root / "nometa.tflite")
+    if out.classifier.is_file():
+        return out
+    import torch
+
+    from edgekt.checkpoint import load_checkpoint
+    from edgekt.engine.setup import model_from_checkpoint
+    from edgekt.exporters.litert_export import convert, embed_metadata
+    from edgekt.exporters.meta import build_meta
+
+    torch.set_num_threads(1)
+    net, info = model_from_checkpoint(load_checkpoint(tiny_checkpoint))
+    meta = build_meta(info, part="classifier", model_name="cnn_xs",
+                      embedding_dim=net.embedding_dim)
+    data = convert(net, meta.input.shape)
+    root.mkdir()
+    out.nometa.write_bytes(data)
+    out.classifier.write_bytes(embed_metadata(data, meta.to_json()))
+    return out

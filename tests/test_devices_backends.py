@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 from typing import ClassVar
 
 import _devices_support
@@ -13,7 +14,8 @@ from edgekt.devices.backends import BACKENDS, backend_class, canonical_name, ope
 from edgekt.errors import EdgektError
 from edgekt.metadata import ModelMeta
 
-device_models = _devices_support.device_models  # the session fixture
+device_models = _devices_support.device_models  # the session fixtures
+litert_models = _devices_support.litert_models
 
 
 def normalised(images: np.ndarray) -> np.ndarray:
@@ -23,11 +25,19 @@ def normalised(images: np.ndarray) -> np.ndarray:
 class BackendContract:
     name: ClassVar[str]
     atol: ClassVar[float] = 1e-4
+    batch: ClassVar[int] = -1
+    """The classifier's batch dimension in this runtime's file (-1: dynamic)."""
 
     @pytest.fixture(scope="class")
     @classmethod
-    def backend(cls, device_models):
-        return open_backend(device_models.classifier, cls.name, threads=1)
+    def files(cls, device_models) -> tuple[Path, Path]:
+        """(classifier with edgekt metadata, the same without) in this runtime's format."""
+        return device_models.classifier, device_models.nometa
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def backend(cls, files):
+        return open_backend(files[0], cls.name, threads=1)
 
     def test_registered_and_versioned(self):
         assert self.name in BACKENDS.names()
@@ -35,7 +45,7 @@ class BackendContract:
         assert cls.name == self.name and cls.version()[0].isdigit()
 
     def test_input_spec_and_metadata(self, backend):
-        assert backend.input.shape == (-1, 1, 28, 28)
+        assert backend.input.shape == (self.batch, 1, 28, 28)
         assert backend.input.dtype == "float32"
         meta = ModelMeta.from_json(backend.metadata())
         assert meta.task == "classifier" and meta.preprocess.image_size == [28, 28]
@@ -75,18 +85,18 @@ class BackendContract:
         for i in range(8):
             np.testing.assert_allclose(outs[i][0], device_models.logits[i], atol=self.atol)
 
-    def test_no_metadata_is_none(self, device_models):
-        assert open_backend(device_models.nometa, self.name).metadata() is None
+    def test_no_metadata_is_none(self, files):
+        assert open_backend(files[1], self.name).metadata() is None
 
-    def test_corrupt_file_is_a_clear_error(self, tmp_path, device_models):
-        bad = tmp_path / "bad.onnx"
-        bad.write_bytes(device_models.classifier.read_bytes()[:300])
+    def test_corrupt_file_is_a_clear_error(self, tmp_path, files):
+        bad = tmp_path / f"bad{files[0].suffix}"
+        bad.write_bytes(files[0].read_bytes()[:300])
         with pytest.raises(EdgektError, match="cannot"):
             open_backend(bad, self.name)
 
-    def test_threads_must_be_positive(self, device_models):
+    def test_threads_must_be_positive(self, files):
         with pytest.raises(EdgektError, match="threads must be >= 1"):
-            open_backend(device_models.classifier, self.name, threads=0)
+            open_backend(files[0], self.name, threads=0)
 
 
 class TestOnnxRuntime(BackendContract):
@@ -109,8 +119,31 @@ class TestOpenVINO(BackendContract):
             open_backend(xml, "openvino")
 
 
+class TestLiteRT(BackendContract):
+    name = "litert"
+    batch = 1  # litert-torch keeps no symbolic batch for CNNs; run() loops over chunks
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def files(cls, litert_models) -> tuple[Path, Path]:
+        return litert_models.classifier, litert_models.nometa
+
+    def test_foreign_file_and_wrong_inputs_are_clear_errors(self, tmp_path, backend,
+                                                            device_models):
+        onnx_bytes = tmp_path / "foreign.tflite"
+        onnx_bytes.write_bytes(device_models.classifier.read_bytes())
+        with pytest.raises(EdgektError, match="LiteRT cannot open it as a .tflite model"):
+            open_backend(onnx_bytes, "litert")
+        x = normalised(device_models.images[:2])
+        with pytest.raises(EdgektError, match=r"input of shape \(2, 1, 28, 14\); expected"):
+            backend.run(x[..., :14])
+        with pytest.raises(EdgektError, match="expected a float32 array"):
+            backend.run(x.astype(np.float64))
+
+
 def test_aliases_and_unknown_names():
     assert canonical_name("ORT") == "onnxruntime" and canonical_name("ov") == "openvino"
+    assert canonical_name("tflite") == "litert"
     with pytest.raises(EdgektError, match="did you mean 'openvino'"):
         canonical_name("openvin")
 

@@ -13,12 +13,20 @@ from edgekt.devices import EdgeModel
 from edgekt.devices.artifacts import find_artifacts, select_artifact
 from edgekt.errors import EdgektError
 
-device_models = _devices_support.device_models  # the session fixture
+device_models = _devices_support.device_models  # the session fixtures
+litert_models = _devices_support.litert_models
 
 
-@pytest.fixture(scope="module")
-def model(device_models):
-    return EdgeModel.load(device_models.classifier, threads=1)
+@pytest.fixture(scope="module", params=["onnxruntime", "litert"])
+def model(request, device_models):
+    """The same classifier as .onnx and as .tflite (static batch 1): one behaviour."""
+    if request.param == "litert":
+        path = request.getfixturevalue("litert_models").classifier
+    else:
+        path = device_models.classifier
+    m = EdgeModel.load(path, threads=1)
+    assert m.backend.name == request.param  # chosen from the file's suffix
+    return m
 
 
 def test_logits_and_labels_match_pytorch_on_real_images(model, device_models):
@@ -157,8 +165,25 @@ def test_files_that_are_not_models(tmp_path: Path, device_models):
             EdgeModel.load(cut, backend=backend)
     with pytest.raises(EdgektError, match="no such file"):
         EdgeModel.load(tmp_path / "missing.onnx")
-    with pytest.raises(EdgektError, match="unknown runtime backend 'tflite'"):
-        EdgeModel.load(device_models.classifier, backend="tflite")
+    with pytest.raises(EdgektError, match="unknown runtime backend .tensorrt."):
+        EdgeModel.load(device_models.classifier, backend="tensorrt")
     (tmp_path / "manifest.json").write_text("{}")
     with pytest.raises(EdgektError, match="not a valid edgekt manifest"):
         EdgeModel.load(tmp_path)
+
+
+def test_litert_files_without_metadata_or_broken(litert_models, device_models, tmp_path):
+    m = EdgeModel.load(litert_models.nometa, threads=1)
+    assert m.meta is None and m.fixed_batch == 1 and m.backend.name == "litert"
+    with pytest.raises(EdgektError, match="preprocessing is unknown"):
+        m.predict(device_models.images[0])
+    x = ((device_models.images[:3].astype(np.float32) / 255 - 0.286) / 0.353)[:, None]
+    assert m.predict(x) == list(device_models.logits[:3].argmax(1))
+    data = litert_models.classifier.read_bytes()
+    cut = tmp_path / "cut.tflite"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(EdgektError, match="truncated, corrupt or not a model"):
+        EdgeModel.load(cut)
+    with pytest.raises(EdgektError, match=r"no artifact for litert in this export \(it has: "
+                                          r"classifier.onnx"):
+        EdgeModel.load(device_models.classifier, backend="litert")

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from edgekt.checkpoint import file_sha256
+from edgekt.errors import EdgektError
 from edgekt.exporters import Manifest, export_package
 from edgekt.exporters.base import get_exporter
 from edgekt.metadata import ModelMeta
@@ -23,6 +24,7 @@ class ExporterContract:
     """Every target must pass these; subclasses set ``target``."""
 
     target: str
+    precisions: tuple[str, ...] = ("fp32", "fp16", "int8")
 
     @pytest.fixture(scope="class")
     @classmethod
@@ -30,14 +32,14 @@ class ExporterContract:
         torch.set_num_threads(1)
         out = tmp_path_factory.mktemp(f"pkg_{cls.target}") / "pkg"
         return export_package(tiny_checkpoint, out, targets=[cls.target],
-                              precisions=["fp32", "fp16", "int8"], splits=fashion_splits,
+                              precisions=list(cls.precisions), splits=fashion_splits,
                               val_samples=N_VAL, test_samples=N_TEST, threads=1)
 
     def test_manifest_lists_every_artifact_with_hashes(self, package, tiny_checkpoint):
         on_disk = Manifest.load(package.path.parent)
         assert on_disk.format == "edgekt.package/1"
         assert {(a["runtime"], a["precision"]) for a in on_disk.artifacts} == {
-            (get_exporter(self.target).runtime, p) for p in ("fp32", "fp16", "int8")}
+            (get_exporter(self.target).runtime, p) for p in self.precisions}
         names = {p.name for p in package.path.parent.iterdir()} - {"manifest.json"}
         assert set(on_disk.files) == names
         for name, rec in on_disk.files.items():
@@ -64,8 +66,16 @@ class ExporterContract:
         assert p["agreement"] == 1.0 and p["n_val"] == N_VAL and p["n_test"] == N_TEST
         assert p["test_acc"] == pytest.approx(package.reference["test_acc"])
 
-    def test_fp16_is_close(self, package):
-        p = package.artifact(get_exporter(self.target).runtime, "fp16")["parity"]
+    def test_fp16_is_close_or_refused(self, package, tiny_checkpoint, tmp_path):
+        runtime = get_exporter(self.target).runtime
+        if "fp16" not in self.precisions:  # refused before any work, naming what exists
+            assert "fp16" not in get_exporter(self.target).precisions
+            with pytest.raises(EdgektError, match="fp16: no selected target exports it"):
+                export_package(tiny_checkpoint, tmp_path / "x", targets=[self.target],
+                               precisions=["fp16"])
+            assert not (tmp_path / "x").exists()
+            return
+        p = package.artifact(runtime, "fp16")["parity"]
         assert 0 < p["max_abs_diff"] < 5e-2 and p["agreement"] >= 0.99
 
     def test_int8_calibrated_on_real_data_keeps_accuracy(self, package):
@@ -129,3 +139,131 @@ class TestOpenVINOExporter(ExporterContract):
         assert package.artifact("openvino", "fp32")["runtime_config"] == {
             "INFERENCE_PRECISION_HINT": "f32"}
         assert package.artifact("openvino", "int8")["quantization"]["tool"] == "nncf.quantize"
+
+
+class TestLiteRTExporter(ExporterContract):
+    target = "litert"
+    precisions = ("fp32", "int8")
+
+    def test_int8_file_is_fully_quantized_and_self_describing(self, package):
+        from ai_edge_litert.interpreter import Interpreter
+
+        a = package.artifact("litert", "int8")
+        assert a["quantization"]["tool"].startswith("litert_torch PT2EQuantizer")
+        path = package.path.parent / a["file"]
+        it = Interpreter(model_path=str(path))
+        inp, out = it.get_input_details()[0], it.get_output_details()[0]
+        assert inp["dtype"] == np.int8 and out["dtype"] == np.int8
+        meta = get_exporter("litert").read_meta(path)
+        ioq = meta.extra["io_quantization"]
+        assert ioq["input"]["scale"] == pytest.approx(float(inp["quantization"][0]))
+        assert ioq["output"]["zero_point"] == int(out["quantization"][1])
+        assert meta.input.name == inp["name"]
+
+    def test_plain_litert_program_reproduces_edgekt_predictions(self, package, fashion_splits,
+                                                                tmp_path):
+        """ai_edge_litert + numpy alone (no edgekt, no torch), from the .tflite file alone,
+        gives the predictions edgekt's device runtime gives, FP32 and INT8."""
+        from edgekt.devices import EdgeModel
+
+        raw = fashion_splits.test.images[:200, 0].numpy()  # uint8 HW images, as an app has them
+        np.save(tmp_path / "raw.npy", raw)
+        files = [str(package.path.parent / package.artifact("litert", p)["file"])
+                 for p in ("fp32", "int8")]
+        script = textwrap.dedent(f"""
+            import json, sys
+            import numpy as np
+            from ai_edge_litert import schema_py_generated as schema
+            from ai_edge_litert.interpreter import Interpreter
+
+            def edgekt_meta(data):
+                m = schema.Model.GetRootAs(data, 0)
+                for i in range(m.MetadataLength()):
+                    if m.Metadata(i).Name() == b"edgekt":
+                        buf = m.Buffers(m.Metadata(i).Buffer())
+                        return json.loads(buf.DataAsNumpy().tobytes())
+
+            raw = np.load({str(tmp_path / "raw.npy")!r})
+            result = {{}}
+            for path in {files!r}:
+                data = open(path, "rb").read()
+                meta = edgekt_meta(data)
+                pre = meta["preprocess"]
+                mean = np.array(pre["mean"], np.float32)
+                std = np.array(pre["std"], np.float32)
+                x = (raw[..., None].astype(np.float32) * pre["scale"] - mean) / std  # NHWC
+                x = x.transpose(0, 3, 1, 2)  # layout NCHW
+                io = meta["extra"].get("io_quantization")
+                it = Interpreter(model_content=data, num_threads=1)
+                it.allocate_tensors()
+                inp, out = it.get_input_details()[0], it.get_output_details()[0]
+                preds = []
+                for i in range(len(x)):
+                    xi = x[i:i + 1]
+                    if io:
+                        q = io["input"]
+                        xi = np.clip(np.round(xi / q["scale"]) + q["zero_point"], -128, 127)
+                    it.set_tensor(inp["index"], xi.astype(inp["dtype"]))
+                    it.invoke()
+                    y = it.get_tensor(out["index"]).astype(np.float32)
+                    if io:
+                        y = (y - io["output"]["zero_point"]) * io["output"]["scale"]
+                    preds.append(meta["labels"][int(y.argmax())])
+                result[meta["precision"]] = preds
+            assert "edgekt" not in sys.modules and "torch" not in sys.modules
+            print(json.dumps(result))
+        """)
+        res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                             timeout=120, cwd=tmp_path)
+        assert res.returncode == 0, res.stderr
+        plain = json.loads(res.stdout)
+        for precision in ("fp32", "int8"):
+            model = EdgeModel.load(package.path.parent, backend="litert", precision=precision,
+                                   threads=1)
+            assert model.artifact.path.suffix == ".tflite"
+            assert plain[precision] == model.predict(raw)
+
+    def test_max_drop_fails_with_the_tries_listed(self, tiny_checkpoint, fashion_splits,
+                                                  tmp_path):
+        from _export_support import outlier_checkpoint
+
+        hostile = outlier_checkpoint(tiny_checkpoint, tmp_path / "outlier.pt")
+        out = tmp_path / "p"
+        with pytest.raises(EdgektError, match=r"(?s)INT8 \(LiteRT\) cannot meet --max-drop 1.0 "
+                                              r"pt.*MinMaxObserver.*HistogramObserver"):
+            export_package(hostile, out, targets=["litert"], precisions=["int8"],
+                           splits=fashion_splits, val_samples=N_VAL, test_samples=N_VAL,
+                           calib_samples=100, max_drop=1.0, threads=1)
+        assert not out.exists()
+
+    def test_unsupported_operator_is_named_with_its_module(self):
+        from edgekt.exporters.litert_export import convert
+
+        class Histogram(torch.nn.Module):
+            def forward(self, x):
+                return x + torch.histc(x, bins=4).sum()
+
+        class Net(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.conv = torch.nn.Conv2d(1, 4, 3)
+                self.stats = Histogram()
+
+            def forward(self, x):
+                return self.stats(self.conv(x)).mean((1, 2, 3))
+
+        with pytest.raises(EdgektError, match=r"operator 'aten\.histc.*' in module "
+                                              r"'stats \(Histogram\)'"):
+            convert(Net(), [1, 1, 28, 28])
+
+
+def test_missing_converter_names_the_extra(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "litert_torch" else real(name, *a))
+    monkeypatch.delitem(sys.modules, "edgekt.exporters.litert_export", raising=False)
+    with pytest.raises(EdgektError, match=r"needs a package that is not installed: No module "
+                                          r"named 'litert_torch'.*edgekt\[litert-export\]"):
+        get_exporter("litert")

@@ -10,7 +10,8 @@ from typer.testing import CliRunner
 from edgekt.checkpoint import load_checkpoint, save_checkpoint
 from edgekt.errors import EdgektError
 from edgekt.exporters import Manifest, export_package
-from edgekt.exporters.onnx_export import OrtRunner, locate_export_failure
+from edgekt.exporters.base import artifact_runner
+from edgekt.exporters.onnx_export import locate_export_failure
 from edgekt.exporters.parity import ParityError
 from tests._export_support import outlier_checkpoint
 
@@ -44,7 +45,7 @@ def test_embedding_export_plus_head_reproduces_logits(tiny_checkpoint, fashion_s
     model, info = model_from_checkpoint(load_checkpoint(tiny_checkpoint))
     assert head["weight"].shape == (10, model.embedding_dim) and list(head["labels"]) == info.labels
     x = normalised(fashion_splits.val.subset(torch.arange(64)), info)
-    emb = OrtRunner(out / "model.onnx")(x)
+    emb = artifact_runner(out / "model.onnx", "onnxruntime")(x)
     assert emb.shape == (64, model.embedding_dim)
     logits = emb @ head["weight"].T + head["bias"]
     np.testing.assert_allclose(logits, torch_outputs(model, x), atol=1e-4)

@@ -20,7 +20,8 @@ from edgekt.devices.profiler import summarize, time_loop
 from edgekt.devices.transport import parse_runner_output
 from edgekt.errors import EdgektError
 
-device_models = _devices_support.device_models  # the session fixture
+device_models = _devices_support.device_models  # the session fixtures
+litert_models = _devices_support.litert_models
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -157,6 +158,21 @@ def test_cli_bad_inputs_exit_non_zero_and_keep_good_rows(device_models, tmp_path
     assert both.exit_code == 2 and "either --iters or --seconds" in both.output
 
 
+def test_cli_profile_litert_in_its_own_process(litert_models, tmp_path):
+    """``--backend litert`` (alias tflite) through the runner bundle, in a fresh process."""
+    out = tmp_path / "r.json"
+    res = CliRunner().invoke(app, ["profile", str(litert_models.classifier), "--backend",
+                                   "tflite", "--threads", "1", "--iters", "30", "--warmup", "3",
+                                   "--out", str(out), "--no-save"])
+    assert res.exit_code == 0, res.output
+    (lite,) = json.loads(out.read_text())["rows"]
+    assert lite["status"] == "ok" and lite["backend"]["name"] == "litert"
+    assert lite["model"]["file"] == "classifier.tflite" and len(lite["samples_ms"]["model"]) == 30
+    assert lite["backend"]["num_threads"] == 1 and lite["backend"]["version"].startswith("2.")
+    assert lite["latency_ms"]["e2e"] is not None and lite["model"]["has_metadata"]
+    assert lite["host"]["runtimes"]["ai-edge-litert"] == lite["backend"]["version"]
+
+
 def test_cli_devices_check_and_list():
     res = CliRunner().invoke(app, ["devices", "check", "local"])
     assert res.exit_code == 0, res.output
@@ -165,17 +181,20 @@ def test_cli_devices_check_and_list():
     assert all(n in listing.output for n in ("local", "rpi4", "jetson", "intel-npu"))
 
 
-def test_device_runtime_never_imports_torch(device_models):
+def test_device_runtime_never_imports_torch(device_models, litert_models):
     code = (
         "import sys, numpy as np\n"
         "import edgekt.devices, edgekt.devices.profiler, edgekt.devices.runner\n"
         "import edgekt.devices.campaign, edgekt.devices.transport, edgekt.devices.store\n"
         "import edgekt.devices.backends.onnxruntime, edgekt.devices.backends.openvino\n"
+        "import edgekt.devices.backends.litert\n"
         "from edgekt.devices import EdgeModel\n"
         "from edgekt.devices.profiler import ProfileSettings, profile_model\n"
         f"m = EdgeModel.load({str(device_models.package)!r})\n"
         "m.predict(np.zeros((28, 28), np.uint8)); m.embed(np.zeros((28, 28), np.uint8))\n"
         f"profile_model({str(device_models.classifier)!r}, 'ov', ProfileSettings(iters=3))\n"
+        f"EdgeModel.load({str(litert_models.classifier)!r}).predict(np.zeros((2, 28, 28), "
+        "np.uint8))\n"
         "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision')]\n"
         "assert not bad, bad\n"
         "print('clean')\n")
@@ -185,24 +204,27 @@ def test_device_runtime_never_imports_torch(device_models):
 
 
 @pytest.mark.slow
-def test_device_extra_installs_and_runs_in_a_fresh_venv_without_torch(device_models, tmp_path):
-    """``pip install edgekt[device]`` into a fresh venv (offline, from the local package index),
-    then run a model there and prove torch is absent."""
+def test_device_extra_installs_and_runs_in_a_fresh_venv_without_torch(device_models,
+                                                                      litert_models, tmp_path):
+    """``pip install edgekt[device,litert]`` into a fresh venv, then run an ONNX and a LiteRT
+    model there and prove torch (and litert-torch's jax) is absent."""
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     py = str(venv / "bin" / "python")
     proc = subprocess.run([py, "-m", "pip", "install", "-q", "--disable-pip-version-check",
-                           f"{REPO}[device]"], timeout=900, capture_output=True, text=True)
+                           f"{REPO}[device,litert]"], timeout=900, capture_output=True,
+                          text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     code = ("import importlib.util, numpy as np\n"
-            "assert importlib.util.find_spec('torch') is None, 'torch is installed'\n"
+            "for absent in ('torch', 'jax', 'litert_torch'):\n"
+            "    assert importlib.util.find_spec(absent) is None, absent + ' is installed'\n"
             "from edgekt.devices import EdgeModel\n"
-            f"m = EdgeModel.load({str(device_models.package)!r}, threads=1)\n"
-            f"print(m.predict(np.load({str(device_models.root / 'reference.npz')!r})"
-            "['images'][:3]))\n")
+            f"images = np.load({str(device_models.root / 'reference.npz')!r})['images'][:3]\n"
+            f"for path in ({str(device_models.package)!r}, {str(litert_models.classifier)!r}):\n"
+            "    print(EdgeModel.load(path, threads=1).predict(images))\n")
     # cwd: away from the checkout, whose edgekt/ directory would shadow the installed package.
     proc = subprocess.run([py, "-c", code], capture_output=True, text=True, timeout=120,
                           cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     want = [device_models.labels[i] for i in device_models.logits[:3].argmax(1)]
-    assert proc.stdout.strip() == str(want)
+    assert proc.stdout.split("\n")[:2] == [str(want), str(want)]

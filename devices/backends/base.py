@@ -34,6 +34,11 @@ class Backend(ABC):
     suffixes: ClassVar[tuple[str, ...]]
     """Model file suffixes this runtime opens."""
 
+    @classmethod
+    def files_of(cls, path: Path) -> list[Path]:
+        """Every file needed to open ``path`` (an IR's ``.bin`` too), ``path`` first."""
+        return [Path(path)]
+
     def __init__(self, path: Path, *, threads: int | None = None, target: str = "CPU",
                  config: dict[str, Any] | None = None) -> None:
         self.path = Path(path)

@@ -32,6 +32,11 @@ class OpenVinoBackend(Backend):
     pip = "openvino"
     suffixes = (".xml", ".onnx")
 
+    @classmethod
+    def files_of(cls, path: Path) -> list[Path]:
+        path = Path(path)
+        return [path, path.with_suffix(".bin")] if path.suffix.lower() == ".xml" else [path]
+
     def __init__(self, path: Path, *, threads: int | None = None, target: str = "CPU",
                  config: dict[str, Any] | None = None) -> None:
         super().__init__(path, threads=threads, target=target, config=config)

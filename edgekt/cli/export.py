@@ -1,4 +1,4 @@
-"""``edgekt export``: checkpoint -> parity-checked ONNX / OpenVINO edge package."""
+"""``edgekt export``: checkpoint -> parity-checked ONNX / OpenVINO / LiteRT edge package."""
 
 from __future__ import annotations
 
@@ -19,9 +19,10 @@ def _csv(value: str) -> list[str]:
 def export(
     checkpoint: Annotated[Path, typer.Argument(help="An edgekt checkpoint (.pt).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Package directory to create.")],
-    to: Annotated[str, typer.Option("--to", help="Targets, comma-separated: onnx,openvino.")
-                  ] = "onnx",
-    precision: Annotated[str, typer.Option(help="Comma-separated: fp32,fp16,int8.")] = "fp32",
+    to: Annotated[str, typer.Option("--to", help="Targets, comma-separated: onnx,openvino,"
+                                    "litert.")] = "onnx",
+    precision: Annotated[str, typer.Option(
+        help="Comma-separated: fp32,fp16,int8 (LiteRT: fp32,int8).")] = "fp32",
     part: Annotated[str, typer.Option(
         help="classifier, or embedding (trunk only; the head goes to head.npz).")] = "classifier",
     calib_samples: Annotated[int, typer.Option(
@@ -49,7 +50,7 @@ def export(
     force: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
     data_dir: DataDirOpt = None,
 ) -> None:
-    """Export a checkpoint to ONNX / OpenVINO (FP32, FP16, INT8) with a parity gate."""
+    """Export a checkpoint to ONNX / OpenVINO / LiteRT (FP32, FP16, INT8) with a parity gate."""
     from edgekt.exporters.package import export_package
     from edgekt.exporters.parity import ParityError, parity_table
 

@@ -22,11 +22,12 @@ devices_app = typer.Typer(help="Device files (devices/*.yaml): list them, probe 
 
 def profile(
     models: Annotated[list[Path] | None, typer.Argument(
-        help="Export directories (manifest.json) or .onnx/.xml files.", show_default=False)] = None,
+        help="Export directories (manifest.json) or .onnx/.xml/.tflite files.",
+        show_default=False)] = None,
     device: Annotated[str, typer.Option(help="Device name (devices/NAME.yaml) or file.")] = "local",
     backend: Annotated[str | None, typer.Option(
-        help="Comma-separated backends: onnxruntime (ort), openvino (ov). Default: the "
-             "device file's.")] = None,
+        help="Comma-separated backends: onnxruntime (ort), openvino (ov), litert (tflite). "
+             "Default: the device file's.")] = None,
     precision: Annotated[str | None, typer.Option(
         help="Artifact precision(s) from an export directory: fp32, int8, ... or 'all'.")] = None,
     threads: Annotated[int | None, typer.Option(help="Intra-op threads (default: device file, "
@@ -62,8 +63,8 @@ def profile(
     records = results.read(store_path)
     if not models:
         if not compare:
-            raise EdgektError("give at least one MODEL (export directory, .onnx or .xml), or "
-                              "--compare to show the last stored run")
+            raise EdgektError("give at least one MODEL (export directory, .onnx, .xml or "
+                              ".tflite), or --compare to show the last stored run")
         last = results.last_run(records)
         if not last:
             raise EdgektError(f"{store_path}: no stored profile runs to compare")

@@ -156,8 +156,10 @@ def stage_profile(cfg: PipelineConfig, exports: dict[str, Any],
         device = load_device(dev_name)
         for name, exp in exports.items():
             precisions = sorted({a["precision"] for a in exp["artifacts"]})
+            # A target listed in export.targets (LiteRT) is profiled on its own runtime too.
+            backends = list(dict.fromkeys([*p.backends, *(a["runtime"] for a in exp["artifacts"])]))
             try:
-                got = run_profiles([exp["dir"]], device, p.backends, settings,
+                got = run_profiles([exp["dir"]], device, backends, settings,
                                    precisions=precisions)
             except (TransportError, EdgektError) as exc:
                 log(f"[yellow]device {device.name}: {exc} (marked unreachable, continuing)[/]")
