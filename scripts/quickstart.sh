@@ -23,6 +23,10 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e ".[all]"
+# litert-torch (extra litert-export, the .tflite converter) pins typing-extensions < 4.13 through
+# xdsl; pip backtracks for many minutes when it is resolved together with the rest, so it is
+# installed in a second pass with the versions that satisfy both (pydantic < 2.12).
+.venv/bin/python -m pip install -q "litert-torch>=0.10,<0.11" "pydantic<2.12" "typing-extensions<4.13"
 
 start=$(date +%s)
 .venv/bin/edgekt pipeline --preset quick --set "data.name=$DATASET" "$@"
