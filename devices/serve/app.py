@@ -454,26 +454,27 @@ def create_app(service: Service, settings: ServeSettings | None = None, *,
                            if service.package.classifier else None),
                 "limits": vars(limits)}
 
+    async def classify(request: Request, fn: Callable[[Any], dict[str, Any]]) -> JSONResponse:
+        """Decode one image from the request, classify it with ``fn``, add the timings."""
+        t0 = time.perf_counter()
+        decode, _ = await read_inputs(request, service.package, many=False)
+        result, dec = await decode_and(decode, lambda s: fn(s[0]))
+        return JSONResponse(finish(result, t0, dec))  # already the documented shape
+
     @app.post("/v1/predict", response_model=Prediction, response_model_exclude_unset=True,
               tags=["predict"], responses=ERRORS, openapi_extra=_body_doc(label=False,
                                                                            many=False))
     async def predict(request: Request, top: int = 5) -> JSONResponse:
         """Classify one image with the package's classifier."""
-        t0 = time.perf_counter()
-        decode, _ = await read_inputs(request, service.package, many=False)
         k = min(max(top, 1), 100)
-        result, dec = await decode_and(decode, lambda s: service.predict(s[0], k))
-        return JSONResponse(finish(result, t0, dec))  # already the documented shape
+        return await classify(request, lambda x: service.predict(x, k))
 
     @app.post("/v1/fewshot/predict", response_model=Prediction,
               response_model_exclude_unset=True, tags=["fewshot"], responses=ERRORS,
               openapi_extra=_body_doc(label=False, many=False))
     async def fewshot_predict(request: Request) -> JSONResponse:
         """Classify one image among the enrolled classes (label null: unknown)."""
-        t0 = time.perf_counter()
-        decode, _ = await read_inputs(request, service.package, many=False)
-        result, dec = await decode_and(decode, lambda s: service.fewshot_predict(s[0]))
-        return JSONResponse(finish(result, t0, dec))  # already the documented shape
+        return await classify(request, service.fewshot_predict)
 
     @app.get("/v1/fewshot/labels", response_model=Labels, tags=["fewshot"], responses=ERRORS)
     def fewshot_labels() -> dict[str, Any]:
@@ -510,10 +511,7 @@ def create_app(service: Service, settings: ServeSettings | None = None, *,
               openapi_extra=_body_doc(label=False, many=False))
     async def continual_predict(request: Request) -> JSONResponse:
         """Classify one image with the continually learnt head."""
-        t0 = time.perf_counter()
-        decode, _ = await read_inputs(request, service.package, many=False)
-        result, dec = await decode_and(decode, lambda s: service.continual_predict(s[0]))
-        return JSONResponse(finish(result, t0, dec))  # already the documented shape
+        return await classify(request, service.continual_predict)
 
     @app.get("/v1/continual", tags=["continual"], responses=ERRORS)
     def continual_status() -> dict[str, Any]:
