@@ -10,7 +10,7 @@
    teacher-output cache, and vs torchdistill's DistillationBox when torchdistill is installed.
 
     python scripts/bench_distill.py --quick            # about 5-10 min on 2 CPU cores
-    python scripts/bench_distill.py --teacher-checkpoint runs/teacher_fashion/best.pt \
+    python scripts/bench_distill.py --teacher-checkpoint runs/teacher_fashion/best.pt --jobs 2 \
         --epochs 20 --out bench.json                   # the README's tables (hours on a CPU)
 """
 
@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import platform
 import statistics
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +39,7 @@ from edgekt.data import Splits, build_splits, make_loader
 from edgekt.distill.losses import KD_LOSSES
 from edgekt.engine import Trainer, fit
 from edgekt.engine.setup import build_model, model_from_checkpoint
+from edgekt.io import atomic_write_text
 from edgekt.models import count_params
 
 console = Console(width=max(Console().width, 120))  # keep table rows on one line in logs
@@ -79,6 +82,52 @@ def timed_fit(cfg: Config, splits: Splits) -> dict[str, Any]:
     c0, w0 = time.process_time(), time.perf_counter()
     metrics = fit(cfg, splits=splits, force=True).metrics
     return {**metrics, "cpu_s": time.process_time() - c0, "wall_s": time.perf_counter() - w0}
+
+
+_SPLITS: dict[str, Splits] = {}
+
+
+def run_job(cfg: Config, data: DataConfig) -> dict[str, Any]:
+    """One training run, resumable: a finished run with the same config is read back, an
+    interrupted one continues from its ``last.pt``. Runs in a worker process with ``--jobs``."""
+    torch.set_num_threads(cfg.train.threads)
+    run = Path(cfg.run.dir)
+    record = run / "bench_run.json"
+    want = cfg.model_dump(mode="json")
+    if record.exists():
+        done = json.loads(record.read_text())
+        if done["config"] == want:
+            return done["metrics"]
+    key = data.model_dump_json()
+    if key not in _SPLITS:
+        _SPLITS[key] = build_splits(data)
+    resume = (run / "last.pt").exists() and (run / "config.yaml").exists()
+    c0, w0 = time.process_time(), time.perf_counter()
+    try:
+        metrics = fit(cfg, splits=_SPLITS[key], resume=resume, force=not resume).metrics
+    except Exception:  # a stale checkpoint of another config: start over
+        if not resume:
+            raise
+        metrics = fit(cfg, splits=_SPLITS[key], force=True).metrics
+    metrics = {**metrics, "cpu_s": time.process_time() - c0, "wall_s": time.perf_counter() - w0}
+    atomic_write_text(record, json.dumps({"config": want, "metrics": metrics}, default=str))
+    return metrics
+
+
+def run_jobs(jobs: dict[str, tuple[Config, DataConfig]], workers: int) -> dict[str, dict]:
+    """Run independent training jobs, ``workers`` at a time (each with ``train.threads``)."""
+    if workers <= 1:
+        return {k: run_job(*v) for k, v in jobs.items()}
+    out: dict[str, dict] = {}
+    ctx = multiprocessing.get_context("spawn")  # no forked OpenMP state
+    with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+        futs = {pool.submit(run_job, *v): k for k, v in jobs.items()}
+        for fut in as_completed(futs):
+            out[futs[fut]] = fut.result()
+            m = out[futs[fut]]
+            console.print(f"done {futs[fut]}: test acc {m['test_acc']:.4f} "
+                          f"({m['wall_s'] / 60:.1f} min)")
+    return out
 
 
 def teacher_spec(args, work: Path, splits: Splits) -> tuple[Any, dict[str, Any]]:
@@ -129,53 +178,58 @@ def kd_args(name: str, teacher: Any, args, work: Path) -> dict[str, Any]:
     return margs
 
 
-def accuracy_table(args, splits: Splits, work: Path) -> dict[str, Any]:
+def accuracy_jobs(args, splits: Splits, work: Path, jobs: dict) -> dict[str, Any]:
+    """Queue scratch and KD students per seed; return the section's plan."""
     teacher, trow = teacher_spec(args, work, splits)
-    rows: dict[str, list[dict]] = {"scratch": []}
+    data = DataConfig(name="fashion-mnist", limit=args.limit)
+    keys: dict[str, list[str]] = {"scratch": []}
     for seed in range(args.seeds):
-        console.print(f"[bold]scratch student[/] seed {seed}")
-        rows["scratch"].append(timed_fit(make_cfg(work / f"scratch{seed}", args.student,
-                                                  args.student_kwargs, args.epochs, seed, args),
-                                         splits))
+        jobs[f"scratch{seed}"] = (make_cfg(work / f"scratch{seed}", args.student,
+                                           args.student_kwargs, args.epochs, seed, args), data)
+        keys["scratch"].append(f"scratch{seed}")
         for name in args.methods:
             if seed > 0 and name in args.single_seed_methods:
                 continue
-            console.print(f"[bold]{name}[/] seed {seed}")
             cfg = make_cfg(work / f"{name}{seed}", args.student, args.student_kwargs, args.epochs,
                            seed, args, kd_args(name, teacher, args, work))
-            rows.setdefault(name, []).append(timed_fit(cfg, splits))
-    return {"teacher": trow, "students": {k: summarise(v, rows["scratch"])
-                                          for k, v in rows.items()}}
+            jobs[f"{name}{seed}"] = (cfg, data)
+            keys.setdefault(name, []).append(f"{name}{seed}")
+    return {"teacher": trow, "keys": keys}
 
 
-def transfer_table(args, splits: Splits, work: Path) -> dict[str, Any]:
+def transfer_jobs(args, splits: Splits, work: Path, jobs: dict) -> dict[str, Any]:
     """Few labels, many unlabelled images: scratch on the labelled fraction vs KD that also
     learns from the teacher on the whole training split with its labels ignored."""
-    few = build_splits(DataConfig(name="fashion-mnist", limit=args.limit,
-                                  label_fraction=args.label_fraction))
+    data = DataConfig(name="fashion-mnist", limit=args.limit, label_fraction=args.label_fraction)
+    few = build_splits(data)
     teacher, trow = teacher_spec(args, work, splits)  # trained on all labels
     n_all = len(splits.train)
     # Same optimiser steps for both: one KD epoch is one pass over the transfer set.
     scratch_epochs = args.transfer_epochs * -(-n_all // args.batch_size) // max(
         1, -(-len(few.train) // args.batch_size))
-    rows: dict[str, list[dict]] = {"scratch": [], "hinton_kd": []}
+    keys: dict[str, list[str]] = {"scratch": [], "hinton_kd": []}
     for seed in range(args.seeds):
-        console.print(f"[bold]transfer: scratch[/] seed {seed} ({len(few.train)} labels)")
         cfg = make_cfg(work / f"tscratch{seed}", args.student, args.student_kwargs,
                        scratch_epochs, seed, args)
         cfg.data.label_fraction = args.label_fraction
-        rows["scratch"].append(timed_fit(cfg, few))
-        console.print(f"[bold]transfer: hinton_kd[/] seed {seed} (+{n_all} unlabelled)")
+        jobs[f"tscratch{seed}"] = (cfg, data)
+        keys["scratch"].append(f"tscratch{seed}")
         margs = {**kd_args("hinton_kd", teacher, args, work), "transfer": "fashion-mnist"}
         cfg = make_cfg(work / f"tkd{seed}", args.student, args.student_kwargs,
                        args.transfer_epochs, seed, args, margs)
         cfg.data.label_fraction = args.label_fraction
         if args.limit:
             cfg.data.limit = args.limit
-        rows["hinton_kd"].append(timed_fit(cfg, few))
+        jobs[f"tkd{seed}"] = (cfg, data)
+        keys["hinton_kd"].append(f"tkd{seed}")
     return {"teacher": trow, "labels": len(few.train), "unlabelled": n_all,
-            "scratch_epochs": scratch_epochs, "kd_epochs": args.transfer_epochs,
-            "students": {k: summarise(v, rows["scratch"]) for k, v in rows.items()}}
+            "scratch_epochs": scratch_epochs, "kd_epochs": args.transfer_epochs, "keys": keys}
+
+
+def section_table(plan: dict[str, Any], results: dict[str, dict]) -> dict[str, Any]:
+    keys = plan.pop("keys")
+    runs = {name: [results[k] for k in ks] for name, ks in keys.items()}
+    return {**plan, "students": {k: summarise(v, runs["scratch"]) for k, v in runs.items()}}
 
 
 def summarise(runs: list[dict], scratch: list[dict]) -> dict[str, Any]:
@@ -382,7 +436,9 @@ def main() -> None:
     p.add_argument("--transfer-epochs", type=int, default=8,
                    help="KD epochs (passes over the unlabelled set) in the transfer section")
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per training run")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="training runs at once (processes); with --work, runs resume")
     p.add_argument("--out", default="bench_distill.json")
     args = p.parse_args()
     if args.quick:
@@ -397,10 +453,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench_distill_") as tmp:
         work = Path(args.work) if args.work else Path(tmp)  # --work keeps the checkpoints
         res: dict[str, Any] = {}
+        jobs: dict[str, tuple[Config, DataConfig]] = {}
+        plans = {}
         if "accuracy" in args.sections:
-            res["accuracy"] = accuracy_table(args, splits, work)
+            plans["accuracy"] = accuracy_jobs(args, splits, work, jobs)
         if "transfer" in args.sections:
-            res["transfer"] = transfer_table(args, splits, work)
+            plans["transfer"] = transfer_jobs(args, splits, work, jobs)
+        results = run_jobs(jobs, args.jobs)
+        res.update({name: section_table(plan, results) for name, plan in plans.items()})
         if "throughput" in args.sections:
             res["throughput"] = throughput(args, splits, work)
     res["settings"] = {k: v for k, v in vars(args).items()}
