@@ -12,12 +12,13 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from edgekt.config import option_error
 from edgekt.devices.fingerprint import host_fingerprint
 from edgekt.devices.model import EdgeModel
 from edgekt.errors import EdgektError
@@ -25,34 +26,47 @@ from edgekt.errors import EdgektError
 SCHEMA = 1
 
 
-@dataclass
-class ProfileSettings:
-    """How to measure. ``iters`` (a fixed count) wins over ``seconds`` (a time budget)."""
+class ProfileConfig(BaseModel):
+    """How to measure; one model shared by the library, ``edgekt profile`` (a flag per field,
+    ``--config`` for a YAML file of them) and the pipeline's ``profile:`` section. ``iters``
+    (a fixed count) wins over ``seconds`` (a time budget)."""
 
-    warmup: int = 10
-    iters: int | None = None
-    seconds: float = 3.0
-    min_iters: int = 10
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False,
+                              use_attribute_docstrings=True)
+
+    warmup: int = Field(10, ge=0)
+    """Untimed warm-up iterations."""
+    iters: int | None = Field(None, ge=1)
+    """Timed iterations (instead of a time budget)."""
+    seconds: float = Field(3.0, gt=0)
+    """Time budget per timed loop, in seconds."""
+    min_iters: int = Field(10, ge=1)
     """With a time budget, run at least this many iterations."""
-    batch: int = 1
-    threads: int | None = None
+    batch: int = Field(1, ge=1)
+    """Batch size."""
+    threads: int | None = Field(None, ge=1)
+    """Intra-op threads (None: the device file's, then the runtime's choice)."""
     target: str = "CPU"
-    config: dict[str, Any] = field(default_factory=dict)
+    """Runtime device (OpenVINO: CPU, GPU, NPU)."""
+    config: dict[str, Any] = Field(default_factory=dict)
     """Runtime settings (an export's ``runtime_config``, e.g. OpenVINO's precision hint)."""
     e2e: bool = True
     """Also time raw image -> prediction (needs the model's preprocessing metadata)."""
     samples: bool = True
     """Return every latency sample (for CDF plots)."""
 
-    def check(self) -> None:
-        bad = {"warmup": self.warmup < 0, "batch": self.batch < 1,
-               "iters": self.iters is not None and self.iters < 1,
-               "seconds": not 0 < self.seconds < float("inf"),  # NaN and inf fail here too
-               "threads": self.threads is not None and self.threads < 1}
-        if any(bad.values()):
-            got = ", ".join(f"{k}={getattr(self, k)!r}" for k, v in bad.items() if v)
-            raise EdgektError(f"invalid profile settings ({got}): warmup >= 0, batch >= 1, "
-                              "iters >= 1, threads >= 1 and a finite seconds > 0 are required")
+
+PROFILE_FLAGS = {"e2e": "--e2e/--no-e2e"}
+
+
+def profile_config(base: ProfileConfig | dict[str, Any] | None = None, source: str = "profile",
+                   **changes: Any) -> ProfileConfig:
+    """``base`` with ``changes`` applied; a bad value is an ``EdgektError`` naming its flag."""
+    raw = base.model_dump() if isinstance(base, ProfileConfig) else dict(base or {})
+    try:
+        return ProfileConfig.model_validate({**raw, **changes})
+    except ValidationError as exc:
+        raise option_error(ProfileConfig, exc, source, PROFILE_FLAGS) from None
 
 
 def time_loop(fn: Callable[[], object], *, warmup: int, iters: int | None, seconds: float,
@@ -185,10 +199,9 @@ def raw_images(model: EdgeModel, batch: int, rng: np.random.Generator) -> np.nda
 
 
 def profile_model(path: str | Path, backend: str,
-                  settings: ProfileSettings | None = None) -> dict[str, Any]:
+                  settings: ProfileConfig | None = None) -> dict[str, Any]:
     """Profile one model file on one backend in this process; returns a JSON-able dict."""
-    s = settings or ProfileSettings()
-    s.check()
+    s = settings or ProfileConfig()
     rng = np.random.default_rng(0)
     load_before = _loadavg()
     rss0 = rss_mb()["current"]
@@ -231,7 +244,7 @@ def profile_model(path: str | Path, backend: str,
                   "size_bytes": size},
         "backend": {"name": model.backend.name, "version": model.backend.version(),
                     **model.backend.settings()},
-        "settings": asdict(s),
+        "settings": s.model_dump(),
         "load_ms": load_ms,
         "first_ms": first_ms,
         "latency_ms": {"model": lat, "runtime": runtime, "e2e": result_e2e},

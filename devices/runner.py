@@ -70,9 +70,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _profile(args: argparse.Namespace) -> int:
-    from edgekt.devices.profiler import ProfileSettings, profile_model
+    from edgekt.devices.profiler import ProfileConfig, profile_model
 
-    settings = ProfileSettings(warmup=args.warmup, iters=args.iters, seconds=args.seconds,
+    settings = ProfileConfig(warmup=args.warmup, iters=args.iters, seconds=args.seconds,
                                batch=args.batch, threads=args.threads, target=args.target,
                                config=json.loads(args.config),
                                e2e=not args.no_e2e, samples=not args.no_samples)

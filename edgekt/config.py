@@ -219,6 +219,21 @@ def format_validation_error(model: type[BaseModel], exc: ValidationError, source
     return "\n".join(lines)
 
 
+def option_error(model: type[BaseModel], exc: ValidationError, source: str,
+                 flags: dict[str, str] | None = None) -> EdgektError:
+    """A command's options failed ``model``: one line per field, naming its flag (``--`` + the
+    field with dashes unless ``flags`` says otherwise), its key, the value and what was wrong."""
+    lines = [f"{source}: invalid option"]
+    for err in exc.errors():
+        key = str(err["loc"][0]) if err["loc"] else "?"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"  unknown key {key!r} (valid: {', '.join(model.model_fields)})")
+        else:
+            flag = (flags or {}).get(key, "--" + key.replace("_", "-"))
+            lines.append(f"  {flag} {err.get('input')!r} ({key}): {err['msg']}")
+    return EdgektError("\n".join(lines))
+
+
 def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     for part in loc:
         field = model.model_fields.get(str(part))

@@ -31,9 +31,8 @@ if TYPE_CHECKING:
     import torch
 
     from edgekt.exporters.calib import EvalData
+    from edgekt.exporters.config import ExportConfig
 
-PRECISIONS = ("fp32", "fp16", "int8")
-CALIB_METHODS = ("minmax", "entropy", "percentile")
 
 EXPORTERS: Registry[type[Exporter]] = Registry("export target")
 """Exporter classes, filled when their module is imported."""
@@ -60,23 +59,6 @@ Runner = Callable[[np.ndarray], np.ndarray]
 
 
 @dataclass
-class ExportOptions:
-    """Knobs shared by all targets (validated by ``export_package``)."""
-
-    opset: int = 17
-    dynamic_batch: bool = False
-    simplify: bool = True
-    calib_samples: int = 300
-    calib_method: str = "minmax"
-    max_drop: float | None = None
-    """Largest allowed INT8 accuracy drop on the validation samples, in percentage points."""
-    max_float_fraction: float = 0.5
-    """ORT accuracy control keeps at most this fraction of the quantizable nodes in float."""
-    threads: int | None = None
-    """Intra-op threads of the runtimes during calibration and parity (None: runtime default)."""
-
-
-@dataclass
 class ExportContext:
     """What a target needs to write its files: the module, its metadata, data and options."""
 
@@ -87,7 +69,7 @@ class ExportContext:
     scratch: Path
     """Intermediate files that do not belong in the package."""
     data: EvalData
-    options: ExportOptions
+    options: ExportConfig
     _onnx_fp32: Path | None = None
 
     def onnx_fp32(self) -> Path:

@@ -19,8 +19,8 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, fields
+from collections.abc import Callable
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -31,57 +31,35 @@ import yaml
 import edgekt
 from edgekt.data import Splits
 from edgekt.errors import EdgektError
-from edgekt.exporters.base import (
-    CALIB_METHODS,
-    PRECISIONS,
-    ExportContext,
-    ExportOptions,
-    get_exporter,
-)
+from edgekt.exporters.base import ExportContext, get_exporter
+from edgekt.exporters.config import ExportConfig, export_config
 from edgekt.exporters.parity import ParityError, apply_gate, measure, reference
 from edgekt.io import atomic_write, atomic_write_text, check_writable
 from edgekt.metadata import PACKAGE_FORMAT, Manifest
-
-PARTS = ("classifier", "embedding")
 
 
 def export_package(
     checkpoint: str | Path,
     out_dir: str | Path,
+    config: ExportConfig | str | Path | None = None,
     *,
-    targets: Sequence[str] = ("onnx",),
-    precisions: Sequence[str] = ("fp32",),
-    part: str = "classifier",
     force: bool = False,
     data_dir: str | None = None,
     splits: Splits | None = None,
-    val_samples: int | None = 1000,
-    test_samples: int | None = None,
-    min_agreement: float = 0.99,
-    min_agreement_int8: float = 0.97,
-    allow_mismatch: bool = False,
     log: Callable[[str], None] | None = None,
-    **options: Any,
+    **changes: Any,
 ) -> Manifest:
     """Export a checkpoint to every (target, precision) pair and gate each artifact on parity.
 
     Args:
         checkpoint: an edgekt checkpoint (``last.pt``/``best.pt``).
         out_dir: the package directory; refused if it exists unless ``force``.
-        targets: names of the ``TARGETS`` registry (``onnx``, ``openvino``, ``litert``).
-        precisions: ``fp32``, ``fp16``, ``int8`` (each produced for every target that has it;
-            LiteRT has no fp16).
-        part: ``classifier`` (logits) or ``embedding`` (trunk only, head in ``head.npz``).
+        config: what to export (an :class:`ExportConfig`, a YAML file of one, or the defaults).
         data_dir: where the checkpoint's dataset lives (calibration and parity use real data).
         splits: already loaded splits of the checkpoint's dataset (skips loading).
-        val_samples: validation images for parity and accuracy control (None: all).
-        test_samples: test images for the accuracy column (None: all).
-        min_agreement: minimum top-1 agreement with PyTorch for FP32/FP16 artifacts.
-        min_agreement_int8: the same for INT8 artifacts.
-        allow_mismatch: write the package even when an artifact fails the gate.
         log: receives one line per step (the CLI prints them).
-        **options: fields of :class:`ExportOptions` (``opset``, ``dynamic_batch``,
-            ``calib_samples``, ``calib_method``, ``max_drop`` in points, ...).
+        **changes: :class:`ExportConfig` fields that override ``config`` (``targets``,
+            ``precisions``, ``calib_samples``, ``max_drop``, ...).
 
     Returns:
         The manifest written to ``out_dir/manifest.json``.
@@ -94,15 +72,10 @@ def export_package(
     from edgekt.models.timm_zoo import fuse_for_export
 
     say = log or (lambda _msg: None)
-    opts = _options(options)
-    targets, precisions = _check_selection(targets, precisions, part)
-    for name, value in (("--min-agreement", min_agreement),
-                        ("min_agreement_int8", min_agreement_int8)):
-        if not 0.0 <= value <= 1.0:
-            raise EdgektError(f"{name} must be between 0 and 1 (got {value})")
-    for name, n in (("--val-samples", val_samples), ("--test-samples", test_samples)):
-        if n is not None and n < 1:
-            raise EdgektError(f"{name} must be >= 1, or 0 for all (got {n})")
+    opts = export_config(config, **changes)
+    targets, precisions = _check_selection(opts)
+    part = opts.part
+    val_samples, test_samples = opts.val_samples or None, opts.test_samples or None
     out = check_writable(out_dir, "output directory", directory=True)
     if out.exists() and not force:
         raise EdgektError(f"output directory {out} exists; pass --force to replace it")
@@ -150,7 +123,7 @@ def export_package(
                 # Parity runs the file on the edgekt.devices backend that ships it.
                 run = exporter.runner(work / art.file, runtime_config=art.runtime_config,
                                       threads=opts.threads)
-                threshold = min_agreement_int8 if precision == "int8" else min_agreement
+                threshold = opts.min_agreement_int8 if precision == "int8" else opts.min_agreement
                 art.parity = apply_gate(measure(run, data), threshold)
                 artifacts.append(asdict(art))
                 say(f"{art.file}: agreement {art.parity['agreement']:.4f}, test acc "
@@ -172,12 +145,13 @@ def export_package(
             calibration={"split": "train", "samples": int(len(data.calib_x)),
                          "method": opts.calib_method, "seed": 0,
                          "indices_sha256": _sha(data.calib_indices)},
-            options=asdict(opts),
-            gate={"min_agreement": min_agreement, "min_agreement_int8": min_agreement_int8,
-                  "allow_mismatch": allow_mismatch, "passed": not failed},
+            options=opts.model_dump(),
+            gate={"min_agreement": opts.min_agreement,
+                  "min_agreement_int8": opts.min_agreement_int8,
+                  "allow_mismatch": opts.allow_mismatch, "passed": not failed},
             files={},
         )
-        if failed and not allow_mismatch:
+        if failed and not opts.allow_mismatch:
             names = ", ".join(f"{a['file']} ({a['parity']['agreement']:.4f} < "
                               f"{a['parity']['min_agreement']})" for a in failed)
             raise ParityError(f"parity gate failed: {names}; nothing was written to {out}. "
@@ -193,40 +167,11 @@ def export_package(
         shutil.rmtree(work, ignore_errors=True)  # gone already when published
 
 
-def _options(raw: dict[str, Any]) -> ExportOptions:
-    valid = {f.name for f in fields(ExportOptions)}
-    unknown = sorted(set(raw) - valid)
-    if unknown:
-        raise EdgektError(f"unknown export option(s) {unknown} (valid: {', '.join(sorted(valid))})")
-    opts = ExportOptions(**raw)
-    if opts.calib_method not in CALIB_METHODS:
-        raise EdgektError(f"--calib-method {opts.calib_method!r}: expected one of "
-                          f"{', '.join(CALIB_METHODS)}")
-    if opts.max_drop is not None and not 0 <= opts.max_drop < float("inf"):  # NaN fails too
-        raise EdgektError(f"--max-drop is in accuracy points and must be a finite number >= 0 "
-                          f"(got {opts.max_drop})")
-    if opts.calib_samples < 1:
-        raise EdgektError(f"--calib-samples must be >= 1 (got {opts.calib_samples})")
-    if opts.threads is not None and opts.threads < 1:
-        raise EdgektError(f"--threads must be >= 1 (got {opts.threads})")
-    if not 0.0 <= opts.max_float_fraction <= 1.0:
-        raise EdgektError("max_float_fraction must be between 0 and 1")
-    if not 7 <= opts.opset <= 20:
-        raise EdgektError(f"--opset {opts.opset}: the TorchScript ONNX exporter supports 7..20")
-    return opts
-
-
-def _check_selection(targets: Sequence[str], precisions: Sequence[str], part: str
-                     ) -> tuple[list[str], list[str]]:
-    if part not in PARTS:
-        raise EdgektError(f"--part {part!r}: expected one of {', '.join(PARTS)}")
-    targets = list(dict.fromkeys(targets))
-    precisions = list(dict.fromkeys(precisions))
+def _check_selection(opts: ExportConfig) -> tuple[list[str], list[str]]:
+    targets = list(dict.fromkeys(opts.targets))
+    precisions = list(dict.fromkeys(opts.precisions))
     if not targets or not precisions:
         raise EdgektError("give at least one --to target and one --precision")
-    bad = [p for p in precisions if p not in PRECISIONS]
-    if bad:
-        raise EdgektError(f"--precision {bad}: expected some of {', '.join(PRECISIONS)}")
     # Unknown or uninstalled targets fail before any work is done.
     exporters = [get_exporter(t) for t in targets]
     orphans = [p for p in precisions if not any(p in e.precisions for e in exporters)]

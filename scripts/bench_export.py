@@ -231,7 +231,7 @@ def main() -> None:
     args = ap.parse_args()
     args.runs = 200 if args.quick else 2000
     args.val_samples = 500 if args.quick else 1000
-    args.test_samples = 2000 if args.quick else None
+    args.test_samples = 2000 if args.quick else 0  # 0: all
     args.calib_samples = 300
     import importlib.util
 

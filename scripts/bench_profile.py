@@ -111,10 +111,10 @@ def bare_litert_p50(path: Path, threads: int, seconds: float) -> float:
 def edgekt_p50(path: Path, backend: str, threads: int, seconds: float) -> dict:
     from edgekt.devices.campaign import run_profiles
     from edgekt.devices.config import DeviceConfig
-    from edgekt.devices.profiler import ProfileSettings
+    from edgekt.devices.profiler import ProfileConfig
 
     row = run_profiles([path], DeviceConfig(name="local"), [backend],
-                       ProfileSettings(warmup=50, seconds=seconds, threads=threads,
+                       ProfileConfig(warmup=50, seconds=seconds, threads=threads,
                                        e2e=False, samples=False))[0]
     if row["status"] != "ok":
         raise RuntimeError(row["error"])

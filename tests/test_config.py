@@ -65,3 +65,58 @@ def test_example_configs_are_valid():
             load_pipeline_config(f, None, [])
         else:
             load_config(f)
+
+
+# ---- one ExportConfig / ProfileConfig for library, CLI and pipeline ---------------------------
+def test_export_config_file_flags_and_pipeline_share_one_model(tmp_path):
+    from edgekt.exporters.config import ExportConfig, export_config
+    from edgekt.pipeline.config import load_pipeline_config
+
+    f = tmp_path / "export.yaml"
+    f.write_text("targets: [onnx, openvino]\ncalib_samples: 64\nmax_drop: 0.5\n")
+    cfg = export_config(f, calib_samples=32)  # a flag overrides the file
+    assert (cfg.targets, cfg.calib_samples, cfg.max_drop) == (["onnx", "openvino"], 32, 0.5)
+    pipe = load_pipeline_config(None, "quick", ["export.calib_samples=64", "export.max_drop=0.5"])
+    assert isinstance(pipe.export, ExportConfig)
+    one = pipe.export.for_export(["int8"])
+    assert (one.calib_samples, one.max_drop, one.precisions) == (64, 0.5, ["int8"])
+    assert type(one) is ExportConfig  # the pipeline-only `teacher` key is not passed on
+
+    f.write_text("calib_method: kl\n")
+    with pytest.raises(EdgektError, match=r"export.yaml: invalid option\n  --calib-method 'kl'"):
+        export_config(f)
+    f.write_text("calib_sample: 3\n")
+    with pytest.raises(EdgektError, match="unknown key 'calib_sample'"):
+        export_config(f)
+    with pytest.raises(EdgektError, match=r"--precision 'fp64'"):
+        export_config(None, precisions=["fp64"])
+    with pytest.raises(EdgektError, match="(?s)pipeline_quick.yaml.*export.calib_method"):
+        load_pipeline_config(None, "quick", ["export.calib_method=kl"])
+
+
+def test_profile_config_pipeline_defaults_and_errors(tmp_path):
+    from edgekt.devices.profiler import ProfileConfig, profile_config
+    from edgekt.pipeline.config import load_pipeline_config
+
+    pipe = load_pipeline_config(None, "quick", ["profile.seconds=0.5"])
+    s = pipe.profile.settings()
+    assert type(s) is ProfileConfig and s.seconds == 0.5 and s.samples
+    assert s.threads == pipe.profile.threads
+    with pytest.raises(EdgektError, match=r"--seconds inf \(seconds\)"):
+        profile_config({"seconds": float("inf")})
+    with pytest.raises(EdgektError, match="(?s)pipeline_quick.yaml.*profile.warmup"):
+        load_pipeline_config(None, "quick", ["profile.warmup=-1"])
+
+
+def test_cli_export_config_file_is_checked_before_any_work(tmp_path):
+    from typer.testing import CliRunner
+
+    from edgekt.cli.app import app
+
+    bad = tmp_path / "export.yaml"
+    bad.write_text("opset: 3\n")
+    res = CliRunner().invoke(app, ["export", str(tmp_path / "absent.pt"), "--out",
+                                   str(tmp_path / "pkg"), "--config", str(bad)])
+    assert res.exit_code == 2, res.output
+    assert "--opset 3 (opset)" in res.output and "export.yaml" in res.output
+    assert not (tmp_path / "pkg").exists()

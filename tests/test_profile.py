@@ -58,16 +58,16 @@ def test_time_loop_paired_reads_outside_the_timed_window():
 
 
 def test_openvino_rows_carry_the_runtimes_own_latency(device_models):
-    from edgekt.devices.profiler import ProfileSettings, profile_model
+    from edgekt.devices.profiler import ProfileConfig, profile_model
 
     ov = profile_model(device_models.classifier, "openvino",
-                       ProfileSettings(warmup=5, iters=200, threads=1, e2e=False))
+                       ProfileConfig(warmup=5, iters=200, threads=1, e2e=False))
     inner, wall = ov["latency_ms"]["runtime"], ov["latency_ms"]["model"]
     assert inner["n"] == wall["n"] == 200
     # Timed inside the call, so never longer than the call timed around it.
     assert 0 < inner["min"] <= wall["min"] and inner["p50"] <= wall["p50"]
     ort = profile_model(device_models.classifier, "onnxruntime",
-                        ProfileSettings(warmup=1, iters=5, threads=1, e2e=False))
+                        ProfileConfig(warmup=1, iters=5, threads=1, e2e=False))
     assert ort["latency_ms"]["runtime"] is None  # onnxruntime keeps no per-call timing
 
 
@@ -94,10 +94,10 @@ def test_runner_bundle_is_self_contained(device_models, tmp_path):
 
 
 def test_model_without_metadata_is_profiled_model_only(device_models):
-    from edgekt.devices.profiler import ProfileSettings, profile_model
+    from edgekt.devices.profiler import ProfileConfig, profile_model
 
     res = profile_model(device_models.nometa, "onnxruntime",
-                        ProfileSettings(warmup=1, iters=5, threads=1))
+                        ProfileConfig(warmup=1, iters=5, threads=1))
     assert res["latency_ms"]["e2e"] is None and res["model"]["preprocessing"] == "unknown"
     assert "preprocessing unknown" in res["notes"][0]
 
@@ -189,10 +189,10 @@ def test_device_runtime_never_imports_torch(device_models, litert_models):
         "import edgekt.devices.backends.onnxruntime, edgekt.devices.backends.openvino\n"
         "import edgekt.devices.backends.litert\n"
         "from edgekt.devices import EdgeModel\n"
-        "from edgekt.devices.profiler import ProfileSettings, profile_model\n"
+        "from edgekt.devices.profiler import ProfileConfig, profile_model\n"
         f"m = EdgeModel.load({str(device_models.package)!r})\n"
         "m.predict(np.zeros((28, 28), np.uint8)); m.embed(np.zeros((28, 28), np.uint8))\n"
-        f"profile_model({str(device_models.classifier)!r}, 'ov', ProfileSettings(iters=3))\n"
+        f"profile_model({str(device_models.classifier)!r}, 'ov', ProfileConfig(iters=3))\n"
         f"EdgeModel.load({str(litert_models.classifier)!r}).predict(np.zeros((2, 28, 28), "
         "np.uint8))\n"
         "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision')]\n"

@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 from edgekt.cli.app import app
 from edgekt.devices.campaign import fingerprint, run_profiles
 from edgekt.devices.config import DeviceConfig, parse_device
-from edgekt.devices.profiler import ProfileSettings
+from edgekt.devices.profiler import ProfileConfig
 from edgekt.devices.transport import TransportError
 
 device_models = _devices_support.device_models  # the session fixture
@@ -98,7 +98,7 @@ def _device(sshd, **over) -> DeviceConfig:
     return DeviceConfig(**raw)
 
 
-FAST = ProfileSettings(warmup=2, iters=30, threads=1)
+FAST = ProfileConfig(warmup=2, iters=30, threads=1)
 
 
 def test_profile_over_ssh_end_to_end(sshd, device_models, tmp_path):

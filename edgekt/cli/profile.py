@@ -12,12 +12,20 @@ from rich.markup import escape
 from rich.table import Table
 
 from edgekt.cli.options import make_console
+from edgekt.devices.profiler import ProfileConfig
 from edgekt.errors import EdgektError
 
 console = make_console()
 err_console = Console(stderr=True)
 devices_app = typer.Typer(help="Device files (devices/*.yaml): list them, probe one.",
                           no_args_is_help=True)
+
+
+def _opt(field: str, *decls: str) -> Any:
+    """A flag whose help and default come from the ``ProfileConfig`` field."""
+    info = ProfileConfig.model_fields[field]
+    return typer.Option(*decls, help=f"{info.description} \\[default: {info.default}]",
+                        show_default=False)
 
 
 def profile(
@@ -30,16 +38,15 @@ def profile(
              "Default: the device file's.")] = None,
     precision: Annotated[str | None, typer.Option(
         help="Artifact precision(s) from an export directory: fp32, int8, ... or 'all'.")] = None,
-    threads: Annotated[int | None, typer.Option(help="Intra-op threads (default: device file, "
-                                                     "then the runtime's choice).")] = None,
-    batch: Annotated[int, typer.Option(help="Batch size.")] = 1,
-    warmup: Annotated[int, typer.Option(help="Untimed warm-up iterations.")] = 10,
-    iters: Annotated[int | None, typer.Option(
-        help="Timed iterations (instead of --seconds).")] = None,
-    seconds: Annotated[float | None, typer.Option(
-        help="Time budget per loop in seconds (default 3).")] = None,
-    e2e: Annotated[bool, typer.Option(
-        help="Also time raw image -> prediction, preprocessing included.")] = True,
+    config: Annotated[Path | None, typer.Option(
+        "--config", help="YAML file of profile settings (the fields below, e.g. a pipeline's "
+                         "profile: section); flags override it.")] = None,
+    threads: Annotated[int | None, _opt("threads")] = None,
+    batch: Annotated[int | None, _opt("batch")] = None,
+    warmup: Annotated[int | None, _opt("warmup")] = None,
+    iters: Annotated[int | None, _opt("iters")] = None,
+    seconds: Annotated[float | None, _opt("seconds")] = None,
+    e2e: Annotated[bool | None, _opt("e2e", "--e2e/--no-e2e")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
     out: Annotated[Path | None, typer.Option(
         help="Write the results (with samples) as JSON.")] = None,
@@ -54,10 +61,11 @@ def profile(
     save: Annotated[bool, typer.Option(help="Append the results to the store.")] = True,
 ) -> None:
     """Profile models x backends on a device: load, first call, steady-state latency, memory."""
+    from edgekt.config import read_yaml_mapping
     from edgekt.devices import store as results
     from edgekt.devices.campaign import run_profiles
     from edgekt.devices.config import load_device
-    from edgekt.devices.profiler import ProfileSettings
+    from edgekt.devices.profiler import profile_config
 
     store_path = store or results.default_store()
     records = results.read(store_path)
@@ -80,11 +88,15 @@ def profile(
             check_writable(path, what)
     cfg = load_device(device)
     backends = [b for b in (backend.split(",") if backend else cfg.backend) if b.strip()]
-    settings = ProfileSettings(warmup=warmup, iters=iters,
-                               seconds=3.0 if seconds is None else seconds, batch=batch,
-                               threads=cfg.threads if threads is None else threads,
-                               target=cfg.target, e2e=e2e, samples=bool(plot or out))
-    settings.check()  # before any model is staged
+    given = {"warmup": warmup, "iters": iters, "seconds": seconds, "batch": batch,
+             "threads": threads, "e2e": e2e}
+    base = read_yaml_mapping(config, "profile settings") if config else {}
+    settings = profile_config(base, str(config or "edgekt profile"),
+                              **{k: v for k, v in given.items() if v is not None})
+    # The device file fills what neither --config nor a flag set; CDF samples only when kept.
+    settings = settings.model_copy(update={
+        "threads": cfg.threads if settings.threads is None else settings.threads,
+        "target": cfg.target, "samples": bool(plot or out)})
     precisions = [p.strip() for p in precision.split(",")] if precision else None
 
     def progress(row: dict[str, Any]) -> None:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field
 
 from edgekt.config import Strict, apply_overrides, read_yaml_mapping, validate
+from edgekt.devices.profiler import ProfileConfig
 from edgekt.errors import EdgektError
+from edgekt.exporters.config import ExportConfig
 
 PRESETS_DIR = Path(__file__).parents[1] / "configs"
 
@@ -43,27 +45,39 @@ class StudentSpec(Strict):
     twin trains for as many optimiser steps as the distilled run instead of as many epochs."""
 
 
-class ExportSpec(Strict):
+class ExportSpec(ExportConfig):
+    """``edgekt export``'s options (one ``ExportConfig``), with the pipeline's defaults: both
+    CPU runtimes, FP32 and INT8, and a failed parity gate marked in the report, not fatal."""
+
     targets: list[str] = Field(default_factory=lambda: ["onnx", "openvino"])
-    precisions: list[str] = Field(default_factory=lambda: ["fp32", "int8"])
-    calib_samples: int = Field(300, gt=0)
-    max_drop: float | None = None
+    precisions: list[Literal["fp32", "fp16", "int8"]] = Field(
+        default_factory=lambda: ["fp32", "int8"])
     allow_mismatch: bool = True
-    """Keep an artifact that fails the parity gate (it is marked in the report)."""
     teacher: bool = True
     """Export the teacher too (FP32), to compare runtimes like for like."""
 
+    def for_export(self, precisions: list[str]) -> ExportConfig:
+        """The ``ExportConfig`` of one model of the pipeline."""
+        return ExportConfig(**{**self.model_dump(exclude={"teacher"}), "precisions": precisions})
 
-class ProfileSpec(Strict):
+
+class ProfileSpec(ProfileConfig):
+    """``edgekt profile``'s settings (one ``ProfileConfig``) with the pipeline's defaults, and
+    where to profile."""
+
     devices: list[str] = Field(default_factory=lambda: ["local"])
     """Device names (devices/*.yaml) or device files; unreachable ones are marked, not fatal."""
     backends: list[str] = Field(default_factory=lambda: ["onnxruntime", "openvino"])
-    threads: int = Field(1, gt=0)
-    batch: int = Field(1, gt=0)
+    threads: int | None = Field(1, ge=1)
     warmup: int = Field(20, ge=0)
     seconds: float = Field(2.0, gt=0)
     torch_eager: bool = True
     """Also time every model in PyTorch eager on this machine (the speed-up baseline)."""
+
+    def settings(self) -> ProfileConfig:
+        """How each model is measured (CDF samples kept for the report)."""
+        return ProfileConfig(**{**self.model_dump(exclude={"devices", "backends",
+                                                             "torch_eager"}), "samples": True})
 
 
 class PipelineConfig(Strict):

@@ -133,9 +133,7 @@ def stage_export(cfg: PipelineConfig, run_dir: Path, teacher: dict[str, Any],
     out = {}
     for name, (ckpt, precisions) in jobs.items():
         dest = run_dir / "export" / name
-        manifest = export_package(ckpt, dest, targets=e.targets, precisions=precisions,
-                                  force=True, allow_mismatch=e.allow_mismatch,
-                                  calib_samples=e.calib_samples, max_drop=e.max_drop,
+        manifest = export_package(ckpt, dest, e.for_export(precisions), force=True,
                                   data_dir=cfg.data.get("data_dir"))
         out[name] = {"dir": str(dest), "artifacts": manifest.artifacts}
     return out
@@ -145,12 +143,10 @@ def stage_profile(cfg: PipelineConfig, exports: dict[str, Any],
                   log: Callable[[str], None]) -> dict[str, Any]:
     from edgekt.devices.campaign import run_profiles
     from edgekt.devices.config import load_device
-    from edgekt.devices.profiler import ProfileSettings
     from edgekt.devices.transport import TransportError
 
     p = cfg.profile
-    settings = ProfileSettings(warmup=p.warmup, seconds=p.seconds, batch=p.batch,
-                               threads=p.threads, samples=True)
+    settings = p.settings()
     rows: list[dict[str, Any]] = []
     for dev_name in p.devices:
         device = load_device(dev_name)
@@ -199,7 +195,8 @@ def _torch_eager(cfg: PipelineConfig, exports: dict[str, Any]) -> dict[str, Any]
     from edgekt.engine.setup import model_from_checkpoint
 
     p = cfg.profile
-    torch.set_num_threads(p.threads)
+    if p.threads:
+        torch.set_num_threads(p.threads)
     out = {}
     for name, exp in exports.items():
         src = json.loads((Path(exp["dir"]) / "manifest.json").read_text())["source"]
