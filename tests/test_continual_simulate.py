@@ -47,7 +47,12 @@ def test_simulate_cli_writes_matrix_and_metrics(tmp_path, tiny_checkpoint):
     assert len(report["experiences"]) == 5 and report["embedding_dim"] == net.embedding_dim * 4
     for r in results.values():
         assert len(r["matrix"]) == 5 and all(len(row) == 5 for row in r["matrix"])
-        assert 0.0 <= r["final_avg_acc"] <= 1.0 and r["update_ms_median"] > 0
-    # Naive fine-tuning forgets the first experiences; replay keeps some of them.
+        assert r["update_ms_median"] > 0
+    # Naive fine-tuning forgets the first experiences (it ends near the last experience's
+    # 2 classes of 10); replay and NCM keep most of them (measured 0.20 / 0.57 / 0.71 / 0.68
+    # for naive / replay / ncm / joint).
+    acc = {k: r["final_avg_acc"] for k, r in results.items()}
+    assert acc["naive"] < 0.3 and acc["joint"] > 0.5
+    assert min(acc["replay"], acc["ncm"]) > acc["naive"] + 0.2
     assert results["naive"]["forgetting"] > results["replay"]["forgetting"]
     assert results["replay"]["memory_bytes"] <= 200_000 + 4 * 10 * 4 * net.embedding_dim + 40

@@ -119,11 +119,12 @@ def test_evaluate_checkpoint_uses_the_methods_own_classifier(tmp_path, fashion_s
 
     cfg = load_config(None, [*BASE, f"run.dir={tmp_path}", "data.limit=300",
                              "data.classes=[0,1,2,3,4,5]", "method=relation",
-                             f"method_args={{{ARGS}}}"])
+                             f"method_args={{{LEARN}}}"])
     fit(cfg)
     rep = evaluate_checkpoint(tmp_path / "last.pt", novel_classes=[6, 7, 8, 9], ways=4,
-                              shots=(1,), episodes=5)
+                              shots=(1,), episodes=20)
     assert rep["method"] == "relation" and rep["results"][0]["k_shot"] == 1
-    assert 0.0 <= rep["results"][0]["acc"] <= 1.0
+    # The trained relation module scores novel classes well above 4-way chance (0.25).
+    assert rep["results"][0]["acc"] > 0.35, rep["results"]
     with pytest.raises(EdgektError, match="were base"):
         evaluate_checkpoint(tmp_path / "last.pt", novel_classes=[5, 6], ways=2, episodes=2)

@@ -116,12 +116,19 @@ def test_dann_target_checks(fashion_splits):
 
 
 def test_dann_trains_and_reports_target_accuracy(tmp_path):
-    src = build_splits(DataConfig(name="mnist-5k", limit=600))
+    src = build_splits(DataConfig(name="mnist-5k", limit=1000))
     cfg = load_config(None, [*BASE, f"run.dir={tmp_path}", "data.name=mnist-5k",
-                             "data.limit=600", "method=dann"])
+                             "data.limit=1000", "data.batch_size=100", "train.epochs=3",
+                             "optim.lr=0.01",
+                             "method=dann"])
     m = fit(cfg, splits=src).metrics
-    assert 0.0 <= m["test_target_acc"] <= 1.0 and "val_target_acc" in m
+    # 30 steps: the source is learnt and the unlabelled target (sklearn digits) is well above
+    # chance (0.1); measured 0.66 / 0.27.
+    assert m["test_acc"] > 0.45 and m["test_target_acc"] > 0.17 and "val_target_acc" in m
     ck = load_checkpoint(tmp_path / "last.pt")
     steps = ck["step"]
     # The target stream advanced once per step (labels unused) and is saved for resume.
-    assert int(ck["task"]["target_pos"][1]) == steps
+    n_target = len(target_splits(DataConfig(name="digits"), src.info)[0].train)
+    per_pass = -(-n_target // cfg.data.batch_size)
+    t_epoch, t_batch = (int(v) for v in ck["task"]["target_pos"])
+    assert steps > per_pass and t_epoch * per_pass + t_batch == steps
