@@ -97,7 +97,7 @@ def run_job(cfg: Config, data: DataConfig) -> dict[str, Any]:
     if record.exists():
         done = json.loads(record.read_text())
         if done["config"] == want:
-            return done["metrics"]
+            return {**done["metrics"], "train_s": train_seconds(run)}
     key = data.model_dump_json()
     if key not in _SPLITS:
         _SPLITS[key] = build_splits(data)
@@ -111,7 +111,18 @@ def run_job(cfg: Config, data: DataConfig) -> dict[str, Any]:
         metrics = fit(cfg, splits=_SPLITS[key], force=True).metrics
     metrics = {**metrics, "cpu_s": time.process_time() - c0, "wall_s": time.perf_counter() - w0}
     atomic_write_text(record, json.dumps({"config": want, "metrics": metrics}, default=str))
-    return metrics
+    return {**metrics, "train_s": train_seconds(run)}
+
+
+def train_seconds(run: Path) -> float:
+    """Training wall time of a run over all its epochs, across resumes (``cpu_s`` and ``wall_s``
+    cover only the last process): the sum of the last record of each epoch's seconds."""
+    per_epoch: dict[int, float] = {}
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "epoch_seconds" in rec:
+            per_epoch[rec["epoch"]] = rec["epoch_seconds"]
+    return sum(per_epoch.values())
 
 
 def run_jobs(jobs: dict[str, tuple[Config, DataConfig]], workers: int) -> dict[str, dict]:
@@ -240,7 +251,8 @@ def summarise(runs: list[dict], scratch: list[dict]) -> dict[str, Any]:
     return {"test_acc": accs, "mean": statistics.mean(accs), "std": sd,
             "gain_pt": gains, "gain_mean_pt": statistics.mean(gains),
             "gain_std_pt": statistics.stdev(gains) if len(gains) > 1 else 0.0,
-            "params": runs[0]["params"], "cpu_s": statistics.mean(r["cpu_s"] for r in runs)}
+            "params": runs[0]["params"], "cpu_s": statistics.mean(r["cpu_s"] for r in runs),
+            "train_s": statistics.mean(r.get("train_s", r["wall_s"]) for r in runs)}
 
 
 # ---- throughput --------------------------------------------------------------------------------
@@ -378,14 +390,14 @@ def accuracy_rows(acc: dict[str, Any], title: str) -> None:
     t = acc["teacher"]
     tab = Table(title=title)
     for col in ("model", "params", "% teacher", "test acc (mean ± std)",
-                "gain vs scratch (pt, mean ± std)", "CPU s/run"):
+                "gain vs scratch (pt, mean ± std)", "train s/run"):
         tab.add_column(col, justify="right" if col != "model" else "left")
     tab.add_row(f"teacher {t['model']}", f"{t['params']:,}", "100%", f"{t['test_acc']:.4f}", "",
                 "trained elsewhere" if t["cpu_s"] is None else f"{t['cpu_s']:.0f}")
     for name, s in acc["students"].items():
         gain = "" if name == "scratch" else f"{s['gain_mean_pt']:+.2f} ± {s['gain_std_pt']:.2f}"
         tab.add_row(name, f"{s['params']:,}", f"{s['params'] / t['params']:.1%}",
-                    f"{s['mean']:.4f} ± {s['std']:.4f}", gain, f"{s['cpu_s']:.0f}")
+                    f"{s['mean']:.4f} ± {s['std']:.4f}", gain, f"{s['train_s']:.0f}")
     console.print(tab)
 
 
