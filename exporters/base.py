@@ -15,6 +15,7 @@ line in ``edgekt.devices.backends``).
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -46,13 +47,21 @@ class Target:
     """Imported by :func:`get_exporter` on first use; it registers the class in EXPORTERS."""
     extra: str
     """What to ``pip install`` when that import fails."""
+    converter: str
+    """The top-level package the exporter needs (checked without importing it)."""
 
 
 TARGETS: Registry[Target] = Registry("export target")
-TARGETS.register("onnx")(Target("edgekt.exporters.onnx_export", "edgekt[export]"))
+TARGETS.register("onnx")(Target("edgekt.exporters.onnx_export", "edgekt[export]", "onnx"))
 TARGETS.register("openvino")(Target("edgekt.exporters.openvino_export",
-                                    "edgekt[export,openvino]"))
-TARGETS.register("litert")(Target("edgekt.exporters.litert_export", "edgekt[litert-export]"))
+                                    "edgekt[export,openvino]", "openvino"))
+TARGETS.register("litert")(Target("edgekt.exporters.litert_export", "edgekt[litert-export]",
+                                  "litert_torch"))
+
+
+def target_installed(name: str) -> bool:
+    """Whether the converter of a registered target is installed (nothing is imported)."""
+    return importlib.util.find_spec(TARGETS.get(name).converter) is not None
 
 Runner = Callable[[np.ndarray], np.ndarray]
 """Runs a float32 NCHW batch (any size) through an artifact and returns its output."""

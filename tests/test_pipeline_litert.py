@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+from edgekt.errors import EdgektError
 from edgekt.pipeline.config import PipelineConfig, load_pipeline_config
 from edgekt.pipeline.run import stage_export, stage_profile
 
 
-def test_quick_preset_lists_litert():
+def test_quick_preset_lists_litert_when_its_converter_is_installed(monkeypatch):
+    import edgekt.exporters.base as base
+
     cfg = load_pipeline_config(None, "quick", [])
-    assert "litert" in cfg.export.targets
+    assert cfg.export.resolved_targets() == (["onnx", "openvino", "litert"], [])
+    assert cfg.export.for_export(["fp32"]).targets == ["onnx", "openvino", "litert"]
+    monkeypatch.setattr(base.importlib.util, "find_spec", lambda name: None)  # not installed
+    assert cfg.export.resolved_targets() == (["onnx", "openvino"], ["litert"])
+    bad = load_pipeline_config(None, "quick", ["export.optional_targets=[tflite]"])
+    with pytest.raises(EdgektError, match="tflite"):
+        bad.export.resolved_targets()
 
 
 def test_litert_target_is_exported_and_profiled_on_its_runtime(tiny_checkpoint, tmp_path):

@@ -53,12 +53,24 @@ class ExportSpec(ExportConfig):
     precisions: list[Literal["fp32", "fp16", "int8"]] = Field(
         default_factory=lambda: ["fp32", "int8"])
     allow_mismatch: bool = True
+    optional_targets: list[str] = Field(default_factory=list)
+    """Targets exported when their converter is installed, and skipped with a note otherwise
+    (the quick preset's LiteRT: its converter is a large host-side extra)."""
     teacher: bool = True
     """Export the teacher too (FP32), to compare runtimes like for like."""
 
+    def resolved_targets(self) -> tuple[list[str], list[str]]:
+        """(targets to export, optional targets skipped because their converter is missing)."""
+        from edgekt.exporters.base import target_installed
+
+        extra = [t for t in self.optional_targets if t not in self.targets]
+        have = [t for t in extra if target_installed(t)]
+        return [*self.targets, *have], [t for t in extra if t not in have]
+
     def for_export(self, precisions: list[str]) -> ExportConfig:
         """The ``ExportConfig`` of one model of the pipeline."""
-        return ExportConfig(**{**self.model_dump(exclude={"teacher"}), "precisions": precisions})
+        return ExportConfig(**{**self.model_dump(exclude={"teacher", "optional_targets"}),
+                               "targets": self.resolved_targets()[0], "precisions": precisions})
 
 
 class ProfileSpec(ProfileConfig):

@@ -9,6 +9,7 @@ from typing import Any
 
 from edgekt.config import Config, apply_overrides, load_config, validate
 from edgekt.errors import EdgektError
+from edgekt.exporters.base import TARGETS
 from edgekt.io import atomic_write_text
 from edgekt.pipeline.config import PipelineConfig, StudentSpec, resolve_config_path
 from edgekt.pipeline.stages import StageRunner, input_hash
@@ -215,6 +216,10 @@ def run_pipeline(cfg: PipelineConfig, *, redo_from: str | None = None,
     """Run (or resume) every stage; returns the report dict and writes report.md/json/png."""
     from edgekt.pipeline.report import build_report
 
+    targets, skipped = cfg.export.resolved_targets()  # an unknown target fails here, early
+    for t in skipped:
+        log(f"[yellow]export: optional target {t!r} skipped, its converter is not installed "
+            f"(pip install '{TARGETS.get(t).extra}')[/]")
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "pipeline.yaml", json.dumps(cfg.model_dump(), indent=2))
@@ -224,7 +229,7 @@ def run_pipeline(cfg: PipelineConfig, *, redo_from: str | None = None,
     students_key = input_hash([s.model_dump() for s in cfg.students], cfg.data, teacher)
     students = st.run("students", students_key,
                       lambda fresh: stage_students(cfg, run_dir, teacher, fresh))
-    export_key = input_hash(cfg.export.model_dump(), students, teacher)
+    export_key = input_hash(cfg.export.model_dump(), targets, students, teacher)
     exports = st.run("export", export_key,
                      lambda fresh: stage_export(cfg, run_dir, teacher, students))
     profile_key = input_hash(cfg.profile.model_dump(), exports)
