@@ -101,14 +101,15 @@ def run_job(cfg: Config, data: DataConfig) -> dict[str, Any]:
     key = data.model_dump_json()
     if key not in _SPLITS:
         _SPLITS[key] = build_splits(data)
-    resume = (run / "last.pt").exists() and (run / "config.yaml").exists()
+    # Resume only a run of this very config (a finished or partial run of another one is
+    # started over, never continued).
+    job = run / "bench_job.json"
+    resume = (run / "last.pt").exists() and job.exists() and json.loads(job.read_text()) == want
+    if not resume:
+        run.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(job, json.dumps(want))
     c0, w0 = time.process_time(), time.perf_counter()
-    try:
-        metrics = fit(cfg, splits=_SPLITS[key], resume=resume, force=not resume).metrics
-    except Exception:  # a stale checkpoint of another config: start over
-        if not resume:
-            raise
-        metrics = fit(cfg, splits=_SPLITS[key], force=True).metrics
+    metrics = fit(cfg, splits=_SPLITS[key], resume=resume, force=not resume).metrics
     metrics = {**metrics, "cpu_s": time.process_time() - c0, "wall_s": time.perf_counter() - w0}
     atomic_write_text(record, json.dumps({"config": want, "metrics": metrics}, default=str))
     return {**metrics, "train_s": train_seconds(run)}
