@@ -35,6 +35,7 @@ from edgekt.config import Config, load_config
 from edgekt.data import Splits, build_splits
 from edgekt.engine import fit
 from edgekt.engine.setup import model_from_checkpoint
+from edgekt.io import atomic_write_text
 from edgekt.models import create_model
 from edgekt.pruning.prune import PruneSpec, count, prune_checkpoint
 
@@ -116,6 +117,7 @@ def run(args) -> dict[str, Any]:
                                       else []).data)
     tmp = Path(args.work or tempfile.mkdtemp(prefix="bench_prune_"))
     rows: list[dict[str, Any]] = []
+    load0 = os.getloadavg()
     if args.teacher_checkpoint:
         teacher = Path(args.teacher_checkpoint)
         t_metrics = load_checkpoint(teacher).get("metrics", {})
@@ -128,6 +130,7 @@ def run(args) -> dict[str, Any]:
          "cpu_s": t_metrics.get("cpu_s"), **describe(teacher),
          **int8_latency(teacher, splits, tmp / "pkg_teacher", args.latency_runs)}
     rows.append(t)
+    save(result(rows, t_name, args, load0), args.out, partial=True)
     info = splits.info
     for frac in args.fractions:
         tag = f"{frac:g}"
@@ -154,8 +157,20 @@ def run(args) -> dict[str, Any]:
             row["latency_ratio"] = round(row["int8_p50_ms"] / t["int8_p50_ms"], 4)
             rows.append(row)
             console.print(row)
+            save(result(rows, t_name, args, load0), args.out, partial=True)
+    return result(rows, t_name, args, load0)
+
+
+def result(rows: list[dict[str, Any]], t_name: str, args, load0: tuple[float, ...]
+           ) -> dict[str, Any]:
     return {"rows": rows, "teacher": t_name, "args": vars(args), "cpu": cpu_flags(),
-            "platform": platform.platform(), "loadavg": os.getloadavg()}
+            "platform": platform.platform(), "loadavg_start": load0,
+            "loadavg_end": os.getloadavg()}
+
+
+def save(res: dict[str, Any], out: str, partial: bool = False) -> None:
+    """Written after every row too, so an interrupted run keeps what it measured."""
+    atomic_write_text(Path(out), json.dumps({**res, "partial": partial}, indent=2, default=str))
 
 
 def cpu_flags() -> list[str]:
@@ -206,7 +221,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     res = run(args)
     print_table(res)
-    Path(args.out).write_text(json.dumps(res, indent=2, default=str))
+    save(res, args.out)
     console.print(f"wrote {args.out}" + (" (quick mode: smoke numbers, not results)"
                                          if args.quick else ""))
 
