@@ -154,7 +154,8 @@ def run(args) -> dict[str, Any]:
         tag = f"{frac:g}"
         pruned = tmp / f"pruned_{tag}.pt"
         prune_checkpoint(teacher, pruned, PruneSpec(target_macs=frac, importance=args.importance,
-                                                    global_pruning=args.global_pruning),
+                                                    global_pruning=args.global_pruning,
+                                                    keep=tuple(args.keep)),
                          splits=splits, force=True)
         goal = describe(pruned)["macs"]
         width = width_for_macs(t_name, info, goal)
@@ -166,7 +167,7 @@ def run(args) -> dict[str, Any]:
             ("scratch+KD", make_cfg(tmp / f"skd_{tag}", t_name, {"width_mult": width},
                                     args.epochs, args, 0.003, teacher)),
         ]
-        for label, cfg in variants:
+        for label, cfg in [(lab, c) for lab, c in variants if lab in args.variants]:
             metrics, ckpt = timed_fit(cfg, splits)
             row = {"variant": label, "fraction": frac, "test_acc": metrics.get("test_acc"),
                    "cpu_s": metrics["cpu_s"], **describe(ckpt),
@@ -224,6 +225,10 @@ def main() -> None:
     p.add_argument("--fractions", type=float, nargs="*", default=[0.25, 0.10, 0.05])
     p.add_argument("--importance", default="l2")
     p.add_argument("--global-pruning", action="store_true")
+    p.add_argument("--keep", nargs="*", default=["stem", "head"],
+                   help="modules left unpruned (edgekt prune --keep)")
+    p.add_argument("--variants", nargs="*", default=["pruned+KD", "scratch", "scratch+KD"],
+                   help="which students to train per fraction")
     p.add_argument("--recovery-lr", type=float, default=0.001)
     p.add_argument("--limit", type=int, default=None, help="training images (default: all)")
     p.add_argument("--val-fraction", type=float, default=0.1,
