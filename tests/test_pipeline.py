@@ -150,12 +150,19 @@ profile: {{devices: [local], backends: [onnxruntime], seconds: 0.1, warmup: 2}}
 def test_pruned_student_is_pruned_distilled_exported_and_reported(tmp_path, tiny_checkpoint):
     """prune: {from: teacher} -> KD from the unpruned teacher -> export with parity -> report,
     with a scratch twin of the same pruned architecture."""
+    from typer.testing import CliRunner
+
+    from edgekt.cli.app import app
+
     pytest.importorskip("torch_pruning")
     cfg_file = tmp_path / "p.yaml"
     cfg_file.write_text(PRUNED.format(run=tmp_path / "run", teacher=tiny_checkpoint))
-    report = run_pipeline(load_pipeline_config(cfg_file, None, []), log=quiet)
+    res = CliRunner().invoke(app, ["pipeline", str(cfg_file)], env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    assert "MACs" in res.output and "half" in res.output
     run = tmp_path / "run"
     saved = json.loads((run / "report.json").read_text())
+    report = saved
     teacher, half = saved["teacher"], saved["students"]["half"]
     assert half["macs"] < teacher["macs"] and half["params"] < teacher["params"]
     assert half["prune"]["from"] == "teacher" and half["prune"]["macs_fraction"] <= 0.5
@@ -212,3 +219,17 @@ def test_absolute_prune_target_is_checked_against_the_teacher_to_be_trained(tmp_
     assert res.exit_code == 2, res.output
     assert "students.0.prune.target_macs" in res.output and "teacher's" in res.output
     assert not (tmp_path / "run").exists()
+
+
+def test_unreachable_prune_target_names_the_student(tmp_path, tiny_checkpoint):
+    """A fraction the kept stem and head already exceed: torch-pruning stops, the error says
+    which student and why, and nothing is trained."""
+    pytest.importorskip("torch_pruning")
+    p = tmp_path / "p.yaml"
+    p.write_text(f"run_dir: {tmp_path / 'run'}\nteacher: {{checkpoint: {tiny_checkpoint}}}\n"
+                 "students: [{name: tiny, prune: {target_macs: 0.001}}]\n")
+    with pytest.raises(EdgektError, match=r"student 'tiny': pruning the teacher failed: "
+                                          r"could not reach --target-macs"):
+        run_pipeline(load_pipeline_config(p, None, []), log=quiet)
+    assert not (tmp_path / "run" / "students" / "tiny").exists()
+    assert not (tmp_path / "run" / "pruned" / "tiny.pt").exists()
