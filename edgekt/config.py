@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -236,12 +237,25 @@ def option_error(model: type[BaseModel], exc: ValidationError, source: str,
 
 def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     for part in loc:
-        field = model.model_fields.get(str(part))
-        ann = getattr(field, "annotation", None)
-        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+        if isinstance(part, int):  # an index into a list of sections
+            continue
+        field = next((f for n, f in model.model_fields.items() if part in (n, f.alias)), None)
+        inner = _section_type(getattr(field, "annotation", None))
+        if inner is None:
             return []
-        model = ann
-    return sorted(model.model_fields)
+        model = inner
+    return sorted(f.alias or name for name, f in model.model_fields.items())
+
+
+def _section_type(ann: Any) -> type[BaseModel] | None:
+    """The config section inside an annotation (``Section``, ``Section | None``, ``list[..]``)."""
+    if typing.get_origin(ann) is None and isinstance(ann, type) and issubclass(ann, BaseModel):
+        return ann
+    for arg in typing.get_args(ann):
+        found = _section_type(arg)
+        if found is not None:
+            return found
+    return None
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:

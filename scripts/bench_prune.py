@@ -35,6 +35,7 @@ from edgekt.config import Config, load_config
 from edgekt.data import Splits, build_splits
 from edgekt.engine import fit
 from edgekt.engine.setup import model_from_checkpoint
+from edgekt.io import atomic_write_text
 from edgekt.models import create_model
 from edgekt.pruning.prune import PruneSpec, count, prune_checkpoint
 
@@ -42,12 +43,29 @@ console = Console(width=max(Console().width, 120))
 KD = [{"name": "hinton_kd", "weight": 1.0, "temperature": 4.0}]
 
 
+def data_sets(args) -> list[str]:
+    """The data settings shared by the splits and every run's recorded config."""
+    return [f"data.val_fraction={args.val_fraction}",
+            *([f"data.limit={args.limit}"] if args.limit else [])]
+
+
+def test_accuracy(ckpt: Path, splits: Splits) -> float:
+    """A checkpoint's accuracy on the whole test split (for a teacher saved without it)."""
+    from edgekt.data import make_loader
+    from edgekt.engine.fit import evaluate
+    from edgekt.engine.runtime import Runtime, select_device
+
+    model, info = model_from_checkpoint(load_checkpoint(ckpt))
+    loader = make_loader(splits.test, info, load_config(None, []).data, train=False)
+    return float(evaluate(model, loader, Runtime(select_device("cpu"), None))["acc"])
+
+
 def make_cfg(run: Path, model: str, kwargs: dict, epochs: int, args, lr: float,
              teacher: Path | None = None) -> Config:
     cfg = load_config(None, [f"run.dir={run}", f"model.name={model}", f"train.epochs={epochs}",
                              "train.progress=false", f"train.threads={args.threads}",
                              f"optim.lr={lr}", "optim.weight_decay=0.0005", "sched.name=cosine",
-                             f"data.batch_size={args.batch_size}"])
+                             f"data.batch_size={args.batch_size}", *data_sets(args)])
     cfg.model.kwargs = dict(kwargs)
     if teacher is not None:
         cfg.method = "distill"
@@ -112,10 +130,10 @@ def describe(ckpt: Path) -> dict[str, int]:
 
 
 def run(args) -> dict[str, Any]:
-    splits = build_splits(load_config(None, [f"data.limit={args.limit}"] if args.limit
-                                      else []).data)
+    splits = build_splits(load_config(None, data_sets(args)).data)
     tmp = Path(args.work or tempfile.mkdtemp(prefix="bench_prune_"))
     rows: list[dict[str, Any]] = []
+    load0 = os.getloadavg()
     if args.teacher_checkpoint:
         teacher = Path(args.teacher_checkpoint)
         t_metrics = load_checkpoint(teacher).get("metrics", {})
@@ -124,16 +142,20 @@ def run(args) -> dict[str, Any]:
         t_metrics, teacher = timed_fit(make_cfg(tmp / "teacher", args.teacher, {},
                                                 args.teacher_epochs, args, 0.003), splits)
         t_name = args.teacher
+    if t_metrics.get("test_acc") is None:  # best.pt is saved before the final test pass
+        t_metrics = {**t_metrics, "test_acc": test_accuracy(teacher, splits)}
     t = {"variant": "teacher", "fraction": 1.0, "test_acc": t_metrics.get("test_acc"),
          "cpu_s": t_metrics.get("cpu_s"), **describe(teacher),
          **int8_latency(teacher, splits, tmp / "pkg_teacher", args.latency_runs)}
     rows.append(t)
+    save(result(rows, t_name, args, load0), args.out, partial=True)
     info = splits.info
     for frac in args.fractions:
         tag = f"{frac:g}"
         pruned = tmp / f"pruned_{tag}.pt"
         prune_checkpoint(teacher, pruned, PruneSpec(target_macs=frac, importance=args.importance,
-                                                    global_pruning=args.global_pruning),
+                                                    global_pruning=args.global_pruning,
+                                                    keep=tuple(args.keep)),
                          splits=splits, force=True)
         goal = describe(pruned)["macs"]
         width = width_for_macs(t_name, info, goal)
@@ -145,7 +167,7 @@ def run(args) -> dict[str, Any]:
             ("scratch+KD", make_cfg(tmp / f"skd_{tag}", t_name, {"width_mult": width},
                                     args.epochs, args, 0.003, teacher)),
         ]
-        for label, cfg in variants:
+        for label, cfg in [(lab, c) for lab, c in variants if lab in args.variants]:
             metrics, ckpt = timed_fit(cfg, splits)
             row = {"variant": label, "fraction": frac, "test_acc": metrics.get("test_acc"),
                    "cpu_s": metrics["cpu_s"], **describe(ckpt),
@@ -154,8 +176,20 @@ def run(args) -> dict[str, Any]:
             row["latency_ratio"] = round(row["int8_p50_ms"] / t["int8_p50_ms"], 4)
             rows.append(row)
             console.print(row)
+            save(result(rows, t_name, args, load0), args.out, partial=True)
+    return result(rows, t_name, args, load0)
+
+
+def result(rows: list[dict[str, Any]], t_name: str, args, load0: tuple[float, ...]
+           ) -> dict[str, Any]:
     return {"rows": rows, "teacher": t_name, "args": vars(args), "cpu": cpu_flags(),
-            "platform": platform.platform(), "loadavg": os.getloadavg()}
+            "platform": platform.platform(), "loadavg_start": load0,
+            "loadavg_end": os.getloadavg()}
+
+
+def save(res: dict[str, Any], out: str, partial: bool = False) -> None:
+    """Written after every row too, so an interrupted run keeps what it measured."""
+    atomic_write_text(Path(out), json.dumps({**res, "partial": partial}, indent=2, default=str))
 
 
 def cpu_flags() -> list[str]:
@@ -191,8 +225,14 @@ def main() -> None:
     p.add_argument("--fractions", type=float, nargs="*", default=[0.25, 0.10, 0.05])
     p.add_argument("--importance", default="l2")
     p.add_argument("--global-pruning", action="store_true")
+    p.add_argument("--keep", nargs="*", default=["stem", "head"],
+                   help="modules left unpruned (edgekt prune --keep)")
+    p.add_argument("--variants", nargs="*", default=["pruned+KD", "scratch", "scratch+KD"],
+                   help="which students to train per fraction")
     p.add_argument("--recovery-lr", type=float, default=0.001)
     p.add_argument("--limit", type=int, default=None, help="training images (default: all)")
+    p.add_argument("--val-fraction", type=float, default=0.1,
+                   help="validation images, a fraction of the training split (evaluated per epoch)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--latency-runs", type=int, default=500)
@@ -206,7 +246,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     res = run(args)
     print_table(res)
-    Path(args.out).write_text(json.dumps(res, indent=2, default=str))
+    save(res, args.out)
     console.print(f"wrote {args.out}" + (" (quick mode: smoke numbers, not results)"
                                          if args.quick else ""))
 

@@ -129,3 +129,107 @@ def test_scratch_twin_of_a_transfer_student_gets_the_same_steps(tmp_path):
     # 60 labelled images in batches of 32: 2 steps per scratch epoch; the KD run took 19 steps
     # (one pass over 600 transfer images).
     assert _same_steps_epochs(cfg, cfg.students[0], {"steps": 19}) == 10
+
+
+PRUNED = """
+run_dir: {run}
+data: {{name: fashion-mnist, limit: 400, val_fraction: 0.02}}
+teacher: {{checkpoint: {teacher}}}
+students:
+  - name: half
+    prune: {{from: teacher, target_macs: 0.5}}
+    epochs: 1
+    set: [train.progress=false, train.threads=1, data.batch_size=32, optim.lr=0.005,
+          sched.name=none]
+export: {{targets: [onnx], precisions: [fp32], calib_samples: 50, teacher: false}}
+profile: {{devices: [local], backends: [onnxruntime], seconds: 0.1, warmup: 2}}
+"""
+
+
+@pytest.mark.slow
+def test_pruned_student_is_pruned_distilled_exported_and_reported(tmp_path, tiny_checkpoint):
+    """prune: {from: teacher} -> KD from the unpruned teacher -> export with parity -> report,
+    with a scratch twin of the same pruned architecture."""
+    from typer.testing import CliRunner
+
+    from edgekt.cli.app import app
+
+    pytest.importorskip("torch_pruning")
+    cfg_file = tmp_path / "p.yaml"
+    cfg_file.write_text(PRUNED.format(run=tmp_path / "run", teacher=tiny_checkpoint))
+    res = CliRunner().invoke(app, ["pipeline", str(cfg_file)], env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    assert "MACs" in res.output and "half" in res.output
+    run = tmp_path / "run"
+    saved = json.loads((run / "report.json").read_text())
+    report = saved
+    teacher, half = saved["teacher"], saved["students"]["half"]
+    assert half["macs"] < teacher["macs"] and half["params"] < teacher["params"]
+    assert half["prune"]["from"] == "teacher" and half["prune"]["macs_fraction"] <= 0.5
+    assert half["prune"]["macs_before"] == teacher["macs"]
+    assert half["model"] == "cnn_xs"  # the saved student records its base + the pruning recipe
+    assert half["test_acc"] > 0.3  # 1 epoch of 400 images from the pruned 60% teacher; chance 0.1
+    twin = half["scratch"]
+    assert twin["params"] == half["params"] and twin["macs"] == half["macs"]
+    assert (run / "students" / "half.scratch" / "best.pt").is_file()
+    assert half["kd_gain_pt"] == pytest.approx(100 * (half["test_acc"] - twin["test_acc"]))
+    rows = [r for r in report["rows"] if r["name"] == "half"]
+    onnx = [r for r in rows if r["runtime"] == "onnxruntime"]
+    assert onnx and all(r["parity_passed"] and r["status"] == "ok" for r in onnx)
+    assert all(r["macs"] == half["macs"] and r["pruned_from"] == "teacher" for r in rows)
+    md = (run / "report.md").read_text()
+    assert "| MACs |" in md and "half (pruned teacher," in md
+    assert f"{half['macs']:,}" in md
+    # The pruned checkpoint is kept and reused: a second run skips every stage.
+    again = run_pipeline(load_pipeline_config(cfg_file, None, []), log=quiet)
+    assert set(again["stages"].values()) == {"skipped"}
+
+
+@pytest.mark.parametrize("student, match", [
+    ("{name: p, prune: {from: techer, ratio: 0.5}}", r"students\.0\.prune\.from.*'teacher'"),
+    ("{name: p, prune: {ratio: 1.5}}", r"students\.0\.prune: ratio must be between 0 and 1"),
+    ("{name: p, prune: {ratio: 0.5, target_macs: 0.2}}", "exactly one of ratio"),
+    ("{name: p, prune: {target_macs: 1e12}}",
+     r"students\.0\.prune\.target_macs: 1e\+12 is not below the teacher's [\d,]+ MACs"),
+    ("{name: p, prune: {target_params: 5e9}}", r"target_params.*teacher's [\d,]+ parameters"),
+    ("{name: p, model: cnn_s, prune: {ratio: 0.5}}", r"students\.0: model cannot be given"),
+    ("{name: p, prune: {ratio: 0.5, importance: l3}}", r"prune: importance must be one of"),
+    ("{name: p, prune: {ratio: 0.5, globl: true}}", "did you mean 'global'"),
+])
+def test_bad_pruned_students_fail_at_config_load(tmp_path, tiny_checkpoint, student, match):
+    pytest.importorskip("torch_pruning")
+    p = tmp_path / "p.yaml"
+    p.write_text(f"teacher: {{checkpoint: {tiny_checkpoint}}}\nstudents: [{student}]\n")
+    with pytest.raises(EdgektError, match=match) as err:
+        load_pipeline_config(p, None, [])
+    assert str(p) in str(err.value)
+
+
+def test_absolute_prune_target_is_checked_against_the_teacher_to_be_trained(tmp_path):
+    """No teacher checkpoint yet: the teacher's config builds the model that is counted."""
+    from typer.testing import CliRunner
+
+    from edgekt.cli.app import app
+
+    pytest.importorskip("torch_pruning")
+    p = tmp_path / "p.yaml"
+    p.write_text("data: {name: fashion-mnist, limit: 100}\n"
+                 "students: [{name: p, prune: {target_macs: 5e7}}]\n")  # cnn_m: ~13M MACs
+    res = CliRunner().invoke(app, ["pipeline", str(p), "--run-dir", str(tmp_path / "run")])
+    assert res.exit_code == 2, res.output
+    assert "students.0.prune.target_macs" in res.output and "teacher's" in res.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_unreachable_prune_target_names_the_student(tmp_path, tiny_checkpoint):
+    """A fraction the kept stem and head already exceed: torch-pruning stops, the error says
+    which student and why, and nothing is trained."""
+    pytest.importorskip("torch_pruning")
+    p = tmp_path / "p.yaml"
+    p.write_text(f"run_dir: {tmp_path / 'run'}\nteacher: {{checkpoint: {tiny_checkpoint}}}\n"
+                 "students: [{name: tiny, prune: {target_macs: 0.001}}]\n")
+    with pytest.raises(EdgektError, match=r"student 'tiny': pruning the teacher failed: "
+                                          r"could not reach --target-macs"):
+        run_pipeline(load_pipeline_config(p, None, []), log=quiet)
+    assert not (tmp_path / "run" / "students" / "tiny").exists()
+    assert not (tmp_path / "run" / "pruned" / "tiny.pt").exists()

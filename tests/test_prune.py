@@ -158,3 +158,21 @@ def test_cli_prunes_and_info_reports_the_record(tmp_path, tiny_checkpoint):
 
     rec = json.loads(info.output)["pruning"]
     assert rec["params_after"] <= 0.5 * rec["params_before"] and rec["importance"] == "l1"
+
+
+def test_reinit_gives_the_pruned_architecture_freshly_initialised(tmp_path, tiny_checkpoint):
+    """The scratch baseline of a pruned student: same shapes, none of the pruned weights."""
+    pruned = tmp_path / "pruned.pt"
+    prune_checkpoint(tiny_checkpoint, pruned, PruneSpec(ratio=0.5))
+    kw = {"num_classes": 10, "in_channels": 1, "image_size": 28}
+    inherited = create_model(f"pruned:{pruned}", **kw).state_dict()
+    torch.manual_seed(0)
+    fresh = create_model(f"pruned:{pruned}", reinit=True, **kw).state_dict()
+    assert {k: v.shape for k, v in fresh.items()} == {k: v.shape for k, v in inherited.items()}
+    convs = [k for k, v in fresh.items() if v.dim() == 4]
+    assert convs and not any(torch.equal(fresh[k], inherited[k]) for k in convs)
+    bn_means = [v for k, v in fresh.items() if k.endswith("running_mean")]
+    assert bn_means and all(torch.count_nonzero(v) == 0 for v in bn_means)  # untrained BN
+    assert all(torch.isfinite(v.float()).all() for v in fresh.values())
+    with pytest.raises(EdgektError, match="only kwarg is reinit"):
+        create_model(f"pruned:{pruned}", width_mult=0.5, **kw)

@@ -33,11 +33,12 @@ def pipeline(
     check_writable(cfg.run_dir, "run_dir", directory=True)
     report = run_pipeline(cfg, redo_from=from_stage, log=console.print)
     t = Table(title=f"edgekt pipeline: {cfg.run_dir}")
-    for col in ("model", "runtime", "precision", "device", "test acc", "p50 ms", "speed-up",
-                "Pareto"):
+    for col in ("model", "runtime", "precision", "device", "MACs", "test acc", "p50 ms",
+                "speed-up", "Pareto"):
         t.add_column(col)
     for r in sorted(report["rows"], key=lambda r: (r["device"], r["p50_ms"] or 1e9)):
         t.add_row(r["name"], r["runtime"], str(r["precision"]), r["device"],
+                  "-" if r.get("macs") is None else f"{r['macs']:,}",
                   "-" if r["test_acc"] is None else f"{r['test_acc']:.4f}",
                   "-" if r["p50_ms"] is None else f"{r['p50_ms']:.3f}",
                   "-" if not r.get("speedup_vs_teacher_eager")

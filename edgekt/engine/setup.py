@@ -73,9 +73,12 @@ def info_record(info: DatasetInfo) -> dict[str, Any]:
     return dict(vars(info))
 
 
-def model_from_checkpoint(ckpt: dict[str, Any], source: str = "checkpoint"
-                          ) -> tuple[EdgeNet, DatasetInfo]:
-    """Rebuild the model (eval mode, on CPU) and the data description stored in a checkpoint."""
+def model_from_checkpoint(ckpt: dict[str, Any], source: str = "checkpoint", *,
+                          weights: bool = True) -> tuple[EdgeNet, DatasetInfo]:
+    """Rebuild the model (eval mode, on CPU) and the data description stored in a checkpoint.
+
+    ``weights=False`` keeps the fresh initialisation (the architecture alone).
+    """
     try:
         rec, data = ckpt["model"], ckpt["data"]
         info = DatasetInfo(**data)
@@ -84,7 +87,8 @@ def model_from_checkpoint(ckpt: dict[str, Any], source: str = "checkpoint"
                              **rec["kwargs"])
         if "prune" in rec:
             apply_prune_recipe(model, rec["prune"], source)
-        model.load_state_dict(rec["state_dict"])
+        if weights:
+            model.load_state_dict(rec["state_dict"])
     except (KeyError, TypeError) as exc:
         raise EdgektError(f"{source}: not an edgekt model checkpoint (missing {exc})") from None
     except RuntimeError as exc:

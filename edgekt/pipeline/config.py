@@ -5,12 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import ConfigDict, Field
 
 from edgekt.config import Strict, apply_overrides, read_yaml_mapping, validate
 from edgekt.devices.profiler import ProfileConfig
 from edgekt.errors import EdgektError
 from edgekt.exporters.config import ExportConfig
+from edgekt.pruning.spec import PruneSpec, absolute_target, problems, target_mode
 
 PRESETS_DIR = Path(__file__).parents[1] / "configs"
 
@@ -24,10 +25,48 @@ class TeacherSpec(Strict):
     """Overrides for the teacher's training config (`optim.lr=0.01`, ...)."""
 
 
+_PRUNE_DEFAULTS = PruneSpec()
+
+
+class PruneStudentSpec(Strict):
+    """A student made by pruning a model of the pipeline (``edgekt prune``'s options)."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    from_: Literal["teacher"] = Field("teacher", alias="from")
+    """The model to prune: ``teacher`` (the pipeline's teacher checkpoint), which also stays
+    the teacher of the distillation."""
+    ratio: float | None = None
+    """Fraction of channels removed from every prunable group (0 < ratio < 1)."""
+    target_macs: float | None = None
+    """Prune until MACs per image fall to this: a count, or a fraction of the teacher if < 1."""
+    target_params: float | None = None
+    """Prune until parameters fall to this: a count, or a fraction of the teacher if < 1."""
+    importance: str = _PRUNE_DEFAULTS.importance
+    """Channel ranking: l1, l2 (weight magnitude), taylor (on training images), bn-scale."""
+    global_pruning: bool = Field(_PRUNE_DEFAULTS.global_pruning, alias="global")
+    """``global: true`` ranks channels across layers instead of the same ratio per layer."""
+    steps: int = _PRUNE_DEFAULTS.steps
+    """Iterative pruning rounds (ratio mode)."""
+    keep: list[str] = Field(default_factory=lambda: list(_PRUNE_DEFAULTS.keep))
+    """Modules left unpruned: ``stem``, ``head`` or module paths."""
+    round_to: int | None = _PRUNE_DEFAULTS.round_to
+    """Keep channel counts multiples of this."""
+
+    def spec(self) -> PruneSpec:
+        """The :class:`PruneSpec` that ``prune_checkpoint`` takes."""
+        return PruneSpec(**self.model_dump(exclude={"from_"}))
+
+
 class StudentSpec(Strict):
     name: str
     """Row name in the report and folder name under students/."""
     model: str = "cnn_s"
+    """Architecture (any `edgekt models` name); not given for a ``prune`` student."""
+    prune: PruneStudentSpec | None = None
+    """Make the student by pruning the teacher (its architecture and starting weights), then
+    distil it from the unpruned teacher. Its scratch twin is the same pruned architecture,
+    freshly initialised and trained without the teacher."""
     kwargs: dict[str, Any] = Field(default_factory=dict)
     config: str = "student_fashion.yaml"
     """Base training config of the student (optimiser, schedule, batch size)."""
@@ -130,4 +169,39 @@ def load_pipeline_config(path: str | Path | None, preset: str | None,
         raise EdgektError(f"{p}: students: list at least one student")
     if len(set(names)) != len(names):
         raise EdgektError(f"{p}: students: names must be unique, got {names}")
+    check_prune_students(cfg, p)
     return cfg
+
+
+def check_prune_students(cfg: PipelineConfig, source: Path) -> None:
+    """Refuse a pruned student that cannot be made, before anything runs: bad options, a model
+    or kwargs beside ``prune``, an absolute target not below the teacher's size."""
+    found: list[str] = []
+    absolute: list[tuple[str, str, float]] = []
+    for i, s in enumerate(cfg.students):
+        if s.prune is None:
+            continue
+        where = f"students.{i}.prune"
+        bad = problems(s.prune.spec(), flag=str)
+        found += [f"{where}: {m}" for m in bad]
+        extra = sorted({"model", "kwargs"} & s.model_fields_set)
+        if extra:
+            found.append(f"students.{i}: {' and '.join(extra)} cannot be given with prune "
+                         f"(the pruned teacher is the student's architecture)")
+        if not bad:
+            mode = target_mode(s.prune.spec())
+            value = getattr(s.prune, mode)
+            if mode != "ratio" and value >= 1:  # a count: compare with the teacher's
+                absolute.append((f"{where}.{mode}", mode, value))
+    if absolute and not found:
+        from edgekt.pipeline.sizes import teacher_size
+
+        size = teacher_size(cfg)
+        for field, mode, value in absolute:
+            what = "MACs" if mode == "target_macs" else "parameters"
+            base = size[0] if mode == "target_macs" else size[1]
+            if absolute_target(value, base) >= base:
+                found.append(f"{field}: {value:g} is not below the teacher's {base:,} {what} "
+                             f"(give a count below it, or a fraction < 1)")
+    if found:
+        raise EdgektError("\n".join(f"{source}: {m}" for m in found))

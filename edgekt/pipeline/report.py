@@ -31,8 +31,8 @@ def build_rows(teacher: dict[str, Any], students: dict[str, Any], exports: dict[
     for name, p in eager.items():
         rows.append({"name": name, "kind": "teacher" if name == "teacher" else "student",
                      "runtime": "torch-eager", "precision": "fp32", "device": "local",
-                     "params": trained[name]["params"], "size_bytes": None,
-                     "test_acc": trained[name]["test_acc"], "agreement": 1.0,
+                     "params": trained[name]["params"], "macs": trained[name].get("macs"),
+                     "size_bytes": None, "test_acc": trained[name]["test_acc"], "agreement": 1.0,
                      "p50_ms": p["p50_ms"], "p99_ms": p["p99_ms"], "status": "ok",
                      "samples_ms": p["samples_ms"]})
     for r in profile.get("rows", []):
@@ -41,7 +41,8 @@ def build_rows(teacher: dict[str, Any], students: dict[str, Any], exports: dict[
             rows.append({"name": name, "kind": "teacher" if name == "teacher" else "student",
                          "runtime": r.get("backend") or "-", "precision": r.get("precision"),
                          "device": r.get("device"), "params": trained[name]["params"],
-                         "status": r.get("status"), "error": r.get("error"), "p50_ms": None,
+                         "macs": trained[name].get("macs"), "status": r.get("status"),
+                         "error": r.get("error"), "p50_ms": None,
                          "p99_ms": None, "test_acc": None, "agreement": None,
                          "size_bytes": None})
             continue
@@ -52,7 +53,8 @@ def build_rows(teacher: dict[str, Any], students: dict[str, Any], exports: dict[
         rows.append({
             "name": name, "kind": "teacher" if name == "teacher" else "student",
             "runtime": runtime, "precision": art.get("precision"), "device": r["device"],
-            "params": trained[name]["params"], "size_bytes": _size(exports[name], art),
+            "params": trained[name]["params"], "macs": trained[name].get("macs"),
+            "size_bytes": _size(exports[name], art),
             "test_acc": par.get("test_acc"), "agreement": par.get("test_agreement",
                                                                   par.get("agreement")),
             "parity_passed": par.get("passed"), "p50_ms": r["p50_ms"], "p99_ms": r["p99_ms"],
@@ -61,6 +63,8 @@ def build_rows(teacher: dict[str, Any], students: dict[str, Any], exports: dict[
         })
     for row in rows:
         row["speedup_vs_teacher_eager"] = (base / row["p50_ms"]) if base and row["p50_ms"] else None
+        prune = trained[row["name"]].get("prune")
+        row["pruned_from"] = prune["from"] if prune else None
         twin = trained[row["name"]].get("scratch") or {}
         row["scratch_acc"] = twin.get("test_acc")
         row["kd_gain_pt"] = trained[row["name"]].get("kd_gain_pt")
@@ -90,26 +94,39 @@ def _size(export: dict[str, Any], art: dict[str, Any]) -> int | None:
 
 def gain_table(students: dict[str, Any]) -> str:
     """What distillation bought: each KD student against its scratch twin (PyTorch, test split)."""
-    lines = ["| student | params | KD test acc | scratch twin test acc | KD gain (pt) |",
-             "|---|---|---|---|---|"]
+    lines = ["| student | params | MACs | KD test acc | scratch twin test acc | KD gain (pt) |",
+             "|---|---|---|---|---|---|"]
+    pruned = False
     for name, r in students.items():
         twin = r.get("scratch")
         if not twin:
             continue
-        lines.append(f"| {name} | {r['params']:,} | {r['test_acc']:.4f} | {twin['test_acc']:.4f} "
-                     f"| {r['kd_gain_pt']:+.2f} |")
+        label = name
+        if r.get("prune"):
+            pruned = True
+            p = r["prune"]
+            label += f" (pruned {p['from']}, {p['macs_fraction']:.0%} of its MACs)"
+        lines.append(f"| {label} | {r['params']:,} | {_count(r.get('macs'))} | {r['test_acc']:.4f} "
+                     f"| {twin['test_acc']:.4f} | {r['kd_gain_pt']:+.2f} |")
     if len(lines) == 2:
         return ""
+    note = (" A pruned student starts from the pruned teacher's weights; its twin is the same "
+            "pruned architecture freshly initialised." if pruned else "")
     return ("## What distillation bought\n\nEach distilled student against the same student "
             "trained without a teacher (same model, epochs, seed, data and augmentation), "
-            "PyTorch test accuracy.\n\n" + "\n".join(lines) + "\n\n## Artifacts\n\n")
+            f"PyTorch test accuracy.{note}\n\n" + "\n".join(lines) + "\n\n## Artifacts\n\n")
+
+
+def _count(v: int | None) -> str:
+    return "-" if v is None else f"{v:,}"
 
 
 def markdown(rows: list[dict[str, Any]], teacher: dict[str, Any],
              students: dict[str, Any] | None = None) -> str:
-    head = ("| model | runtime | precision | device | params | size (KB) | test acc | agreement "
-            "| scratch acc | KD gain (pt) | p50 (ms) | p99 (ms) | speed-up vs teacher eager "
-            "| Pareto |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+    head = ("| model | runtime | precision | device | params | MACs | size (KB) | test acc "
+            "| agreement | scratch acc | KD gain (pt) | p50 (ms) | p99 (ms) "
+            "| speed-up vs teacher eager | Pareto |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
 
     def f(v: Any, fmt: str) -> str:
         return "-" if v is None else format(v, fmt)
@@ -118,20 +135,25 @@ def markdown(rows: list[dict[str, Any]], teacher: dict[str, Any],
     for r in sorted(rows, key=lambda r: (r["device"], r["p50_ms"] or 1e9)):
         if r["status"] != "ok":
             lines.append(f"| {r['name']} | {r['runtime']} | {r['precision'] or '-'} | "
-                         f"{r['device']} | {r['params']} | - | - | - | - | - | {r['status']}: "
+                         f"{r['device']} | {r['params']} | {_count(r.get('macs'))} | - | - | - "
+                         f"| - | - | {r['status']}: "
                          f"{(r.get('error') or '')[:60]} | - | - | - |")
             continue
         size = None if r["size_bytes"] is None else r["size_bytes"] / 1024
+        speed = r["speedup_vs_teacher_eager"]
         lines.append(
             f"| {r['name']} | {r['runtime']} | {r['precision']} | {r['device']} | {r['params']:,} "
-            f"| {f(size, '.0f')} | {f(r['test_acc'], '.4f')} | {f(r['agreement'], '.4f')} "
+            f"| {_count(r.get('macs'))} | {f(size, '.0f')} | {f(r['test_acc'], '.4f')} "
+            f"| {f(r['agreement'], '.4f')} "
             f"| {f(r.get('scratch_acc'), '.4f')} | {f(r.get('kd_gain_pt'), '+.2f')} "
             f"| {f(r['p50_ms'], '.3f')} | {f(r['p99_ms'], '.3f')} "
-            f"| {f(r['speedup_vs_teacher_eager'], '.1f')}x "
+            f"| {f(speed, '.1f')}{'x' if speed else ''} "
             f"| {'**yes**' if r.get('pareto') else ''} |"
         )
     intro = (f"# edgekt pipeline report\n\nTeacher: `{teacher['model']}` ({teacher['params']:,} "
-             f"params, test accuracy {teacher['test_acc']:.4f}). Latencies are batch-1 medians "
+             f"params, {_count(teacher.get('macs'))} MACs per image, test accuracy "
+             f"{teacher['test_acc']:.4f}). MACs are torch-pruning's count, the one `prune` "
+             f"targets use. Latencies are batch-1 medians "
              f"of the model call alone, each runtime profiled in its own process; the speed-up is "
              f"against the teacher in PyTorch eager on this machine. Pareto: no other row is "
              f"both faster and more accurate on the same device.\n\n")

@@ -12,6 +12,7 @@ from edgekt.errors import EdgektError
 from edgekt.exporters.base import TARGETS
 from edgekt.io import atomic_write_text
 from edgekt.pipeline.config import PipelineConfig, StudentSpec, resolve_config_path
+from edgekt.pipeline.sizes import checkpoint_size
 from edgekt.pipeline.stages import StageRunner, input_hash
 
 SECTIONS = ("data", "model", "optim", "sched", "finetune", "train", "run")
@@ -46,8 +47,9 @@ def _train(run_cfg: Config, fresh: bool) -> dict[str, Any]:
     ck = load_checkpoint(run_dir / "last.pt")
     summary = json.loads(done.read_text())
     return {"checkpoint": str(best), "sha256": file_sha256(best), "model": ck["model"]["name"],
-            "params": summary["params"], "test_acc": summary["test_acc"],
-            "best_val_acc": summary["best_val_acc"], "steps": summary["step"]}
+            "params": summary["params"], "macs": checkpoint_size(str(best))[0],
+            "test_acc": summary["test_acc"], "best_val_acc": summary["best_val_acc"],
+            "steps": summary["step"]}
 
 
 def stage_teacher(cfg: PipelineConfig, run_dir: Path, fresh: bool) -> dict[str, Any]:
@@ -61,21 +63,31 @@ def stage_teacher(cfg: PipelineConfig, run_dir: Path, fresh: bool) -> dict[str, 
         model, _ = model_from_checkpoint(ck, spec.checkpoint)
         return {"checkpoint": spec.checkpoint, "sha256": file_sha256(spec.checkpoint),
                 "model": ck["model"]["name"], "params": count_params(model),
+                "macs": checkpoint_size(spec.checkpoint)[0],
                 "test_acc": ck.get("metrics", {}).get("test_acc")}
     return _train(run_config(resolve_config_path(spec.config), {"data": cfg.data}, spec.set,
                              run_dir / "teacher"), fresh)
 
 
 def student_config(cfg: PipelineConfig, s: StudentSpec, teacher_ckpt: str | None,
-                   run_dir: Path) -> Config:
-    """The student's run config; ``teacher_ckpt=None`` gives its scratch twin."""
+                   run_dir: Path, pruned: str | None = None) -> Config:
+    """The student's run config; ``teacher_ckpt=None`` gives its scratch twin.
+
+    ``pruned``: the pruned checkpoint of a ``prune`` student, which it starts from (its twin
+    gets the same architecture freshly initialised).
+    """
     if not s.losses or teacher_ckpt is None:
         method: dict[str, Any] = {"method": "supervised", "method_args": {}}
     else:
         method = {"method": "distill", "method_args": {
             **s.distill, "teacher": {"checkpoint": teacher_ckpt}, "losses": s.losses}}
-    updates = {**method, "model": {"name": s.model, "kwargs": s.kwargs},
-               "train": {"epochs": s.epochs}, "data": cfg.data}
+    model = {"name": s.model, "kwargs": s.kwargs}
+    if pruned is not None:
+        from edgekt.models import PRUNED_PREFIX
+
+        model = {"name": f"{PRUNED_PREFIX}{pruned}",
+                 "kwargs": {"reinit": True} if teacher_ckpt is None else {}}
+    updates = {**method, "model": model, "train": {"epochs": s.epochs}, "data": cfg.data}
     return run_config(resolve_config_path(s.config), updates, s.set, run_dir)
 
 
@@ -83,13 +95,16 @@ def stage_students(cfg: PipelineConfig, run_dir: Path, teacher: dict[str, Any], 
                    ) -> dict[str, Any]:
     out = {}
     for s in cfg.students:
-        res = _train_student(cfg, s, run_dir / "students" / s.name, teacher, fresh)
+        pruned = _prune_student(cfg, s, run_dir, teacher, fresh) if s.prune else None
+        res = _train_student(cfg, s, run_dir / "students" / s.name, teacher, fresh, pruned)
+        if pruned:
+            res["prune"] = {"from": s.prune.from_, **pruned["record"]}
         if s.losses and s.scratch_twin:
             twin_spec = s
             if s.distill.get("transfer"):  # an epoch there is a pass over the unlabelled set
                 twin_spec = s.model_copy(update={"epochs": _same_steps_epochs(cfg, s, res)})
             twin = _train_student(cfg, twin_spec, run_dir / "students" / f"{s.name}.scratch",
-                                  None, fresh)
+                                  None, fresh, pruned)
             res["scratch"] = twin
             res["kd_gain_pt"] = 100.0 * (res["test_acc"] - twin["test_acc"])
         out[s.name] = res
@@ -107,17 +122,43 @@ def _same_steps_epochs(cfg: PipelineConfig, s: StudentSpec, kd: dict[str, Any]) 
     return max(1, -(-kd["steps"] // per_epoch))
 
 
+def _prune_student(cfg: PipelineConfig, s: StudentSpec, run_dir: Path,
+                   teacher: dict[str, Any], fresh: bool) -> dict[str, Any]:
+    """Prune the teacher for a ``prune`` student (kept and reused while its inputs match)."""
+    from edgekt.checkpoint import file_sha256
+    from edgekt.pruning.prune import prune_checkpoint
+
+    assert s.prune is not None
+    dest = run_dir / "pruned" / f"{s.name}.pt"
+    marker = dest.with_suffix(".json")
+    key = input_hash(s.prune.model_dump(), teacher["sha256"])
+    done = json.loads(marker.read_text()) if marker.exists() else {}
+    if fresh or done.get("hash") != key or not dest.exists():
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            record = prune_checkpoint(teacher["checkpoint"], dest, s.prune.spec(), force=True,
+                                      data_dir=cfg.data.get("data_dir"))
+        except EdgektError as exc:
+            raise EdgektError(f"student {s.name!r}: pruning the teacher failed: {exc}") from None
+        done = {"hash": key, "record": record}
+        atomic_write_text(marker, json.dumps(done, indent=2))
+    return {"checkpoint": str(dest), "sha256": file_sha256(dest), "record": done["record"]}
+
+
 def _train_student(cfg: PipelineConfig, s: StudentSpec, sdir: Path,
-                   teacher: dict[str, Any] | None, fresh: bool) -> dict[str, Any]:
+                   teacher: dict[str, Any] | None, fresh: bool,
+                   pruned: dict[str, Any] | None = None) -> dict[str, Any]:
     """One student run (its scratch twin when ``teacher`` is None), resumable on its own."""
     spec = s.model_dump(exclude={"scratch_twin"})
     if teacher is None:
         spec = {k: v for k, v in spec.items() if k not in ("losses", "distill")}
-    key = input_hash(spec, cfg.data, teacher["sha256"] if teacher else "scratch")
+    key = input_hash(spec, cfg.data, teacher["sha256"] if teacher else "scratch",
+                     *([pruned["sha256"]] if pruned else []))
     marker = sdir / "pipeline.json"
     # A student whose inputs changed starts over; an unfinished one resumes from last.pt.
     stale = marker.exists() and json.loads(marker.read_text())["hash"] != key
-    res = _train(student_config(cfg, s, teacher["checkpoint"] if teacher else None, sdir),
+    res = _train(student_config(cfg, s, teacher["checkpoint"] if teacher else None, sdir,
+                                pruned["checkpoint"] if pruned else None),
                  fresh=fresh or stale)
     atomic_write_text(marker, json.dumps({"hash": key}))
     return res

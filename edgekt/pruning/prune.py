@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,55 +19,21 @@ from torch import nn
 
 from edgekt.errors import EdgektError
 from edgekt.pruning import recipe
+from edgekt.pruning.spec import IMPORTANCES, PruneSpec, absolute_target, problems, target_mode
 
-IMPORTANCES = ("l1", "l2", "taylor", "bn-scale")
 # Finest step of the target-driven search: the pruner advances 1/TARGET_ROUNDS of the maximum
 # ratio per round and stops as soon as the MACs/params target is met.
 TARGET_ROUNDS = 50
 MAX_RATIO = 0.95
 
-
-@dataclass
-class PruneSpec:
-    """What to prune and how (one of ``ratio``, ``target_macs``, ``target_params``)."""
-
-    ratio: float | None = None
-    """Fraction of channels removed from every prunable group (0 < ratio < 1)."""
-    target_macs: float | None = None
-    """Stop when MACs per image fall to this: an absolute count, or a fraction if < 1."""
-    target_params: float | None = None
-    """Stop when parameters fall to this: an absolute count, or a fraction if < 1."""
-    importance: str = "l2"
-    """Channel ranking: l1/l2 weight magnitude, taylor (first-order, on real images), bn-scale."""
-    global_pruning: bool = False
-    """Rank channels across layers (global) instead of the same ratio per layer (uniform)."""
-    steps: int = 1
-    """Pruning rounds in ratio mode (iterative pruning re-ranks after each round)."""
-    keep: Sequence[str] = field(default_factory=lambda: ("stem", "head"))
-    """Modules left untouched: ``stem`` (first conv), ``head``, or module paths."""
-    round_to: int | None = None
-    """Keep channel counts multiples of this (SIMD-friendly widths)."""
-    calib_batches: int = 4
-    """Batches of training images for the taylor criterion."""
+__all__ = ["IMPORTANCES", "PruneSpec", "count", "prune_checkpoint", "prune_model"]
 
 
 def _validate(spec: PruneSpec) -> str:
-    given = [k for k in ("ratio", "target_macs", "target_params") if getattr(spec, k) is not None]
-    if len(given) != 1:
-        raise EdgektError("give exactly one of --ratio, --target-macs or --target-params "
-                          f"(got {', '.join('--' + g.replace('_', '-') for g in given) or 'none'})")
-    if spec.ratio is not None and not 0.0 < spec.ratio < 1.0:
-        raise EdgektError(f"--ratio must be between 0 and 1, exclusive (got {spec.ratio})")
-    if spec.importance not in IMPORTANCES:
-        raise EdgektError(f"--importance must be one of {', '.join(IMPORTANCES)} "
-                          f"(got {spec.importance!r})")
-    if spec.steps < 1:
-        raise EdgektError(f"--steps must be at least 1 (got {spec.steps})")
-    for k in ("target_macs", "target_params"):
-        v = getattr(spec, k)
-        if v is not None and v <= 0:
-            raise EdgektError(f"--{k.replace('_', '-')} must be positive (got {v})")
-    return given[0]
+    found = problems(spec)
+    if found:
+        raise EdgektError("; ".join(found))
+    return target_mode(spec)
 
 
 def _importance(name: str) -> Any:
@@ -116,7 +81,7 @@ def prune_model(model: nn.Module, example: torch.Tensor, spec: PruneSpec,
     if mode != "ratio":
         value = getattr(spec, mode)
         base = macs0 if mode == "target_macs" else params0
-        goal = int(value * base) if value < 1 else int(value)
+        goal = absolute_target(value, base)
         if goal >= base:
             what = "MACs" if mode == "target_macs" else "parameters"
             raise EdgektError(f"--{mode.replace('_', '-')} {value:g} is not below the model's "

@@ -73,7 +73,7 @@ def apply(model: nn.Module, prune: dict[str, Any], source: str = "checkpoint") -
             setattr(mod, key, tuple(value) if isinstance(old, tuple) else value)
         for key, shape in spec["shapes"].items():
             old = getattr(mod, key)
-            new = torch.empty(shape, dtype=old.dtype)
+            new = _cut(old.detach(), shape)
             if isinstance(old, nn.Parameter):
                 setattr(mod, key, nn.Parameter(new, requires_grad=old.requires_grad))
             else:
@@ -82,21 +82,33 @@ def apply(model: nn.Module, prune: dict[str, Any], source: str = "checkpoint") -
     return model
 
 
+def _cut(old: torch.Tensor, shape: list[int]) -> torch.Tensor:
+    """``old`` cut to ``shape`` (pruning only shrinks): the values are those of the freshly
+    initialised base, so a model that is not loaded afterwards is still properly initialised."""
+    if old.dim() == len(shape) and all(n <= m for n, m in zip(shape, old.shape, strict=True)):
+        return old[tuple(slice(0, n) for n in shape)].clone()
+    return torch.empty(shape, dtype=old.dtype)
+
+
 def load_pruned(path: str, *, num_classes: int, in_channels: int, image_size: int,
-                **kwargs: Any) -> nn.Module:
+                reinit: bool = False, **kwargs: Any) -> nn.Module:
     """``model.name: pruned:PATH``: the pruned architecture and weights from an edgekt checkpoint.
 
     The pruned model inherits its weights from the checkpoint (that is the point of pruning), so
     ``model.weights`` is not needed; the data shape must match the one it was pruned for.
+    ``model.kwargs: {reinit: true}`` gives the same pruned architecture freshly initialised (the
+    base model's own initialisation, each pruned tensor cut to its new shape): the scratch
+    baseline of a pruned student.
     """
     from edgekt.checkpoint import load_checkpoint
     from edgekt.engine.setup import model_from_checkpoint
 
     if kwargs:
         raise EdgektError(f"model pruned:{path}: model.kwargs {kwargs} cannot change a pruned "
-                          f"model (its base kwargs are stored in the checkpoint)")
+                          f"model (its base kwargs are stored in the checkpoint; the only "
+                          f"kwarg is reinit: true)")
     ckpt = load_checkpoint(path)
-    model, info = model_from_checkpoint(ckpt, path)
+    model, info = model_from_checkpoint(ckpt, path, weights=not reinit)
     if getattr(model, ATTR, None) is None:
         raise EdgektError(f"model pruned:{path}: the checkpoint holds an unpruned model; use "
                           f"its name with model.weights, or run edgekt prune on it first")
