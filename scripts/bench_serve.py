@@ -237,7 +237,7 @@ def in_process(package: Path, image: np.ndarray, n: int, seconds: float) -> dict
 
 
 def http_load(port: int, body: bytes, ctype: str, clients: int, n: int, seconds: float,
-              pid: int | None = None) -> dict[str, Any]:
+              pid: int | None = None, server_timing: bool = True) -> dict[str, Any]:
     times: list[float] = []
     server: list[tuple[float, float]] = []  # the server's own (total, inference) ms
     errors = [0]
@@ -286,7 +286,7 @@ def http_load(port: int, body: bytes, ctype: str, clients: int, n: int, seconds:
     cpu1 = cpu_seconds(pid) if pid else None
     if cpu0 is not None and cpu1 is not None:
         out["server_cpu_us_per_request"] = (cpu1 - cpu0) * 1e6 / (len(times) + 20 * clients)
-    if server:
+    if server and server_timing:
         # The server's view (body read to JSON built) separates its own cost from the
         # client's and the scheduler's: on 2 shared cores the client-side numbers carry both.
         out["server_total_p50_ms"] = statistics.median(t for t, _ in server)
@@ -410,7 +410,7 @@ def main() -> None:
         floor = FloorServer(answer, work / "floor.log")
         try:
             load["floor_npy_1"] = http_load(floor.port, *bodies["npy"], 1, args.requests,
-                                            args.seconds, floor.proc.pid)
+                                            args.seconds, floor.proc.pid, server_timing=False)
         finally:
             floor.kill()
         server = Server(cls_pkg, work / "thread-state", work / "thread.log", "--inline-ms", "0")
