@@ -118,7 +118,7 @@ class SSHTransport(Transport):
             argv += ["-o", f"UserKnownHostsFile={Path(cfg.known_hosts).expanduser()}"]
         return [*argv, "--", str(cfg.host), remote_command]
 
-    def _ssh(self, remote: list[str] | str, *, stdin: Path | None = None,
+    def _ssh(self, remote: list[str] | str, *, stdin: Path | bytes | None = None,
              timeout: float | None = None) -> subprocess.CompletedProcess[str]:
         command = remote if isinstance(remote, str) else shlex.join(remote)
         try:
@@ -127,9 +127,13 @@ class SSHTransport(Transport):
                                       encoding="utf-8", errors="replace",
                                       timeout=timeout or self.cfg.timeout,
                                       stdin=subprocess.DEVNULL)
-            with open(stdin, "rb") as f:
-                proc = subprocess.run(self.ssh_argv(command), capture_output=True, stdin=f,
+            if isinstance(stdin, bytes):  # a secret, say: never a file or an argument
+                proc = subprocess.run(self.ssh_argv(command), capture_output=True, input=stdin,
                                       timeout=timeout or self.cfg.timeout)
+            else:
+                with open(stdin, "rb") as f:
+                    proc = subprocess.run(self.ssh_argv(command), capture_output=True, stdin=f,
+                                          timeout=timeout or self.cfg.timeout)
             return subprocess.CompletedProcess(proc.args, proc.returncode,
                                                proc.stdout.decode(errors="replace"),
                                                proc.stderr.decode(errors="replace"))
@@ -144,16 +148,29 @@ class SSHTransport(Transport):
         if proc.returncode == 255:
             raise TransportError(explain_ssh_failure(self.cfg, proc.stderr))
 
+    def exec(self, remote: list[str] | str, *, stdin: Path | bytes | None = None,
+             timeout: float | None = None) -> subprocess.CompletedProcess[str]:
+        """Run a command on the device (a list is quoted argument by argument; a string is
+        one shell command line, quote its parts yourself); SSH failures raise."""
+        proc = self._ssh(remote, stdin=stdin, timeout=timeout)
+        self._check(proc)
+        return proc
+
+    def run_python(self, args: list[str], *, timeout: float | None = None) -> dict[str, Any]:
+        """Run the device's Python with ``args`` and read its ``EDGEKT-JSON`` result."""
+        proc = self.exec([self.python, *args], timeout=timeout)
+        return self._result(proc.returncode, proc.stdout, proc.stderr, self.python)
+
     def stage(self, files: list[Path]) -> str:
         digest = hashlib.sha256()
         for f in files:
             digest.update(f.read_bytes())
         remote_dir = f"{self.workdir}/models/{digest.hexdigest()[:16]}"
         for f in files:
-            self._upload(f, f"{remote_dir}/{f.name}")
+            self.upload(f, f"{remote_dir}/{f.name}")
         return f"{remote_dir}/{files[0].name}"
 
-    def _upload(self, local: Path, remote: str) -> None:
+    def upload(self, local: Path, remote: str) -> None:
         """Copy with ``cat`` over ssh (no scp/sftp subsystem needed); skip files already there.
 
         The file is written under a temporary name and renamed, so an interrupted copy never
@@ -165,18 +182,14 @@ class SSHTransport(Transport):
         script = (f"if [ \"$(wc -c < {q(remote)} 2>/dev/null)\" -eq {size} ] 2>/dev/null; "
                   f"then cat > /dev/null; else mkdir -p {q(str(Path(remote).parent))} && "
                   f"cat > {q(tmp)} && mv -f {q(tmp)} {q(remote)}; fi")
-        proc = self._ssh(script, stdin=local)
-        self._check(proc)
+        proc = self.exec(script, stdin=local)
         if proc.returncode != 0:
             raise TransportError(f"device {self.cfg.name!r}: copying {local.name} to {remote} "
                                  f"failed: {proc.stderr.strip()[-500:]}")
 
     def run_runner(self, args: list[str]) -> dict[str, Any]:
         runner = build_runner()
-        remote_runner = self.stage([runner])
-        proc = self._ssh([self.python, remote_runner, *args])
-        self._check(proc)
-        return self._result(proc.returncode, proc.stdout, proc.stderr, self.python)
+        return self.run_python([self.stage([runner]), *args])
 
 
 def explain_ssh_failure(cfg: DeviceConfig, stderr: str) -> str:
