@@ -68,8 +68,9 @@ class ServeSettings:
     page: bool = True
     """Serve the page for people at ``/``."""
     inline_ms: float = 2.0
-    """Predictions whose decode + inference average under this many ms run on the event loop
-    instead of a worker thread (:mod:`~edgekt.devices.serve.offload`); 0: always a thread."""
+    """Predictions run on the event loop, not a worker thread, while their recent decode +
+    inference times stay under this many ms (:mod:`~edgekt.devices.serve.offload`); 0: always
+    a thread."""
 
 
 # ---- response bodies (they make the OpenAPI description) -------------------------------------

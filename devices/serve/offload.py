@@ -52,20 +52,22 @@ class Offload:
 
     async def run(self, kind: str, fn: Callable[[], T], *, nbytes: int | None) -> T:
         """``fn()`` on the loop or in a worker thread; its duration is remembered."""
-        def timed() -> T:
+        def timed() -> tuple[T, float]:
             t0 = time.perf_counter()
-            result = fn()
-            recent = self.recent_s.get(kind)
-            if recent is None:
-                recent = self.recent_s[kind] = deque(maxlen=self.window)
-            recent.append(time.perf_counter() - t0)
-            return result
+            return fn(), time.perf_counter() - t0
 
         if self.inline(kind, nbytes):
             self.counts["inline"] += 1
-            return timed()
-        self.counts["thread"] += 1
-        return await run_in_threadpool(timed)
-
+            result, seconds = timed()
+        else:
+            self.counts["thread"] += 1
+            result, seconds = await run_in_threadpool(timed)
+        # Recorded here, on the loop: a worker appending while the loop reads the window
+        # would be a race.
+        recent = self.recent_s.get(kind)
+        if recent is None:
+            recent = self.recent_s[kind] = deque(maxlen=self.window)
+        recent.append(seconds)
+        return result
 
 __all__ = ["Offload"]
