@@ -10,9 +10,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shlex
+import shutil
 import subprocess
+import tempfile
+import time
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -98,11 +104,16 @@ class SSHTransport(Transport):
 
     def __init__(self, cfg: DeviceConfig) -> None:
         super().__init__(cfg)
+        self.control_path: str | None = None
+        """ControlMaster socket while inside :meth:`multiplexed`."""
         self.python = cfg.python or "python3"
         # "~/x" would not expand once quoted; ssh commands start in the home directory anyway.
         self.workdir = cfg.workdir[2:] if cfg.workdir.startswith("~/") else cfg.workdir
 
     def ssh_argv(self, remote_command: str) -> list[str]:
+        return [*self._options(), "--", str(self.cfg.host), remote_command]
+
+    def _options(self) -> list[str]:
         cfg = self.cfg
         argv = ["ssh", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
                 "-o", f"ConnectTimeout={cfg.connect_timeout}",
@@ -116,7 +127,55 @@ class SSHTransport(Transport):
             argv += ["-i", str(Path(cfg.identity_file).expanduser()), "-o", "IdentitiesOnly=yes"]
         if cfg.known_hosts:
             argv += ["-o", f"UserKnownHostsFile={Path(cfg.known_hosts).expanduser()}"]
-        return [*argv, "--", str(cfg.host), remote_command]
+        if self.control_path:
+            argv += ["-o", f"ControlPath={self.control_path}"]
+        return argv
+
+    @contextmanager
+    def multiplexed(self) -> Iterator[None]:
+        """Run every command inside over one SSH connection (OpenSSH's ControlMaster).
+
+        Each command then costs a channel on an open connection instead of a new handshake
+        (seconds per command to a board on Wi-Fi). The master connection checks the host key
+        like any other; it is closed on the way out.
+        """
+        if self.control_path is not None:  # already inside
+            yield
+            return
+        tmp = tempfile.mkdtemp(prefix="edgekt-ssh-")  # short: a socket path has ~100 bytes
+        path = os.path.join(tmp, "master")
+        argv = [*self._options(), "-o", f"ControlPath={path}", "-M", "-N",
+                "-o", "ControlPersist=no", "--", str(self.cfg.host)]
+        try:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.PIPE)
+        except FileNotFoundError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise TransportError("the OpenSSH client 'ssh' is not installed (Debian: apt-get "
+                                 "install openssh-client)") from None
+        try:
+            deadline = time.monotonic() + self.cfg.connect_timeout + 10
+            while not os.path.exists(path):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    proc.kill()
+                    _, err = proc.communicate()
+                    raise TransportError(explain_ssh_failure(
+                        self.cfg, err.decode(errors="replace") or "no connection"))
+                time.sleep(0.02)
+            self.control_path = path
+            yield
+        finally:
+            self.control_path = None
+            if proc.poll() is None:
+                proc.terminate()  # the master ends its connection cleanly on SIGTERM
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+            if proc.stderr is not None:
+                proc.stderr.close()
+            shutil.rmtree(tmp, ignore_errors=True)
 
     def _ssh(self, remote: list[str] | str, *, stdin: Path | bytes | None = None,
              timeout: float | None = None) -> subprocess.CompletedProcess[str]:

@@ -145,6 +145,8 @@ def probe(_: argparse.Namespace) -> dict[str, Any]:
 def activate(args: argparse.Namespace) -> dict[str, Any]:
     """Point ``current`` at ``packages/VERSION`` (atomic rename of a new symlink)."""
     root = Path(args.root)
+    if not re.fullmatch(r"[0-9a-f]{8,64}", args.version):
+        raise ControlError(f"{args.version!r} is not a package version (a hex content hash)")
     target = Path("packages") / args.version
     if not (root / target).is_dir():
         raise ControlError(f"{root / target} is not on the device")

@@ -215,34 +215,38 @@ def _remote(ctx: typer.Context, device: str, package: Path | None, *, status: bo
         raise EdgektError("--status or --stop, not both")
     remote = RemoteServe(load_device(device))
     where = f"{remote.cfg.name} ({remote.cfg.host})"
-    if stop:
-        r = remote.stop()
-        console.print(f"edgekt serve on {where}: " + (
-            f"stopped (pid {r['pid']}, {r['signal']})" if r["was_running"] else "not running"),
-            highlight=False)
-        return
-    if status:
-        r = remote.status()
-        if not r["running"]:
-            console.print(f"edgekt serve on {where}: not running (package "
-                          f"{r.get('current') or 'none deployed'})", highlight=False)
-        else:
-            _print_running(where, r, remote)
-        if r.get("log_tail"):
-            console.print(f"[dim]log ({remote.root}/serve.log):\n{escape(r['log_tail'])}[/]",
-                          highlight=False)
-        return
-    if package is None:
-        raise EdgektError("give the PACKAGE to serve on the device (or --status / --stop)")
-    if state_dir is not None:
-        raise EdgektError(f"--state-dir is a path on this machine; on device {device!r} the "
-                          f"state lives in {remote.root}/state (kept across versions)")
-    token = read_token(token_file)
-    if token is None and not is_loopback(host):
-        raise EdgektError(f"--host {host} is reachable from other machines: set a bearer token "
-                          f"for the state-changing routes with --token-file FILE or "
-                          f"${TOKEN_ENV} (or serve on 127.0.0.1)")
-    r = remote.up(package, forwarded_options(ctx), token)
+    token = None
+    if not (status or stop):  # everything checkable here is checked before connecting
+        if package is None:
+            raise EdgektError("give the PACKAGE to serve on the device (or --status / --stop)")
+        if state_dir is not None:
+            raise EdgektError(f"--state-dir is a path on this machine; on device {device!r} "
+                              f"the state lives in {remote.root}/state (kept across versions)")
+        token = read_token(token_file)
+        if token is None and not is_loopback(host):
+            raise EdgektError(f"--host {host} is reachable from other machines: set a bearer "
+                              f"token for the state-changing routes with --token-file FILE or "
+                              f"${TOKEN_ENV} (or serve on 127.0.0.1)")
+    with remote.ssh.multiplexed():  # one SSH connection for the few commands below
+        if stop:
+            r = remote.stop()
+            console.print(f"edgekt serve on {where}: " + (
+                f"stopped (pid {r['pid']}, {r['signal']})" if r["was_running"]
+                else "not running"), highlight=False)
+            return
+        if status:
+            r = remote.status()
+            if not r["running"]:
+                console.print(f"edgekt serve on {where}: not running (package "
+                              f"{r.get('current') or 'none deployed'})", highlight=False)
+            else:
+                _print_running(where, r, remote)
+            if r.get("log_tail"):
+                console.print(f"[dim]log ({remote.root}/serve.log):\n"
+                              f"{escape(r['log_tail'])}[/]", highlight=False)
+            return
+        assert package is not None
+        r = remote.up(package, forwarded_options(ctx), token)
     if r["action"] == "started":
         console.print(f"deployed version {r['version']} of {package}", highlight=False)
     else:
