@@ -77,6 +77,7 @@ def test_serve_on_a_board_deploy_reload_rollback_status_stop(sshd, device_models
         # Copied, content-addressed; `current` points at it; the state lives beside.
         current = board / "serve" / "current"
         assert current.is_symlink() and (current / "manifest.json").is_file()
+        assert (current / ".edgekt-complete").is_file()
         first = os.readlink(current)
         # The token reached the board through stdin: a mode-600 file, on no command line.
         token_file = board / "serve" / "token"

@@ -30,6 +30,9 @@ from edgekt.devices.transport import SSHTransport, TransportError
 from edgekt.errors import EdgektError
 
 CONTROL = Path(__file__).with_name("control.py")
+COMPLETE = ".edgekt-complete"
+"""Written into a version's directory once all its files are there: the next deploy of that
+version sends nothing."""
 # Files of a served package directory that are state, not package (a package served locally
 # with the default --state-dir holds them); they stay behind.
 STATE_FILES = ("serve.lock", "serve.json", "continual_state.npz")
@@ -105,8 +108,11 @@ class RemoteServe:
         files, entry = package_files(package)
         version = version_of(files)
         base = f"{self.root}/packages/{version}"
-        for local, rel in files:
-            self.ssh.upload(local, f"{base}/{rel}")
+        done = shlex.quote(f"{base}/{COMPLETE}")
+        if self.ssh.exec(f"test -f {done}").returncode != 0:
+            for local, rel in files:
+                self.ssh.upload(local, f"{base}/{rel}")
+            self._shell(f"touch {done}", what="marking the copy complete")
         return version, entry
 
     def put_token(self, token: str | None) -> None:
