@@ -10,9 +10,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shlex
+import shutil
 import subprocess
+import tempfile
+import time
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -98,11 +104,16 @@ class SSHTransport(Transport):
 
     def __init__(self, cfg: DeviceConfig) -> None:
         super().__init__(cfg)
+        self.control_path: str | None = None
+        """ControlMaster socket while inside :meth:`multiplexed`."""
         self.python = cfg.python or "python3"
         # "~/x" would not expand once quoted; ssh commands start in the home directory anyway.
         self.workdir = cfg.workdir[2:] if cfg.workdir.startswith("~/") else cfg.workdir
 
     def ssh_argv(self, remote_command: str) -> list[str]:
+        return [*self._options(), "--", str(self.cfg.host), remote_command]
+
+    def _options(self) -> list[str]:
         cfg = self.cfg
         argv = ["ssh", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
                 "-o", f"ConnectTimeout={cfg.connect_timeout}",
@@ -116,9 +127,57 @@ class SSHTransport(Transport):
             argv += ["-i", str(Path(cfg.identity_file).expanduser()), "-o", "IdentitiesOnly=yes"]
         if cfg.known_hosts:
             argv += ["-o", f"UserKnownHostsFile={Path(cfg.known_hosts).expanduser()}"]
-        return [*argv, "--", str(cfg.host), remote_command]
+        if self.control_path:
+            argv += ["-o", f"ControlPath={self.control_path}"]
+        return argv
 
-    def _ssh(self, remote: list[str] | str, *, stdin: Path | None = None,
+    @contextmanager
+    def multiplexed(self) -> Iterator[None]:
+        """Run every command inside over one SSH connection (OpenSSH's ControlMaster).
+
+        Each command then costs a channel on an open connection instead of a new handshake
+        (seconds per command to a board on Wi-Fi). The master connection checks the host key
+        like any other; it is closed on the way out.
+        """
+        if self.control_path is not None:  # already inside
+            yield
+            return
+        tmp = tempfile.mkdtemp(prefix="edgekt-ssh-")  # short: a socket path has ~100 bytes
+        path = os.path.join(tmp, "master")
+        argv = [*self._options(), "-o", f"ControlPath={path}", "-M", "-N",
+                "-o", "ControlPersist=no", "--", str(self.cfg.host)]
+        try:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.PIPE)
+        except FileNotFoundError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise TransportError("the OpenSSH client 'ssh' is not installed (Debian: apt-get "
+                                 "install openssh-client)") from None
+        try:
+            deadline = time.monotonic() + self.cfg.connect_timeout + 10
+            while not os.path.exists(path):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    proc.kill()
+                    _, err = proc.communicate()
+                    raise TransportError(explain_ssh_failure(
+                        self.cfg, err.decode(errors="replace") or "no connection"))
+                time.sleep(0.02)
+            self.control_path = path
+            yield
+        finally:
+            self.control_path = None
+            if proc.poll() is None:
+                proc.terminate()  # the master ends its connection cleanly on SIGTERM
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+            if proc.stderr is not None:
+                proc.stderr.close()
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def _ssh(self, remote: list[str] | str, *, stdin: Path | bytes | None = None,
              timeout: float | None = None) -> subprocess.CompletedProcess[str]:
         command = remote if isinstance(remote, str) else shlex.join(remote)
         try:
@@ -127,9 +186,13 @@ class SSHTransport(Transport):
                                       encoding="utf-8", errors="replace",
                                       timeout=timeout or self.cfg.timeout,
                                       stdin=subprocess.DEVNULL)
-            with open(stdin, "rb") as f:
-                proc = subprocess.run(self.ssh_argv(command), capture_output=True, stdin=f,
+            if isinstance(stdin, bytes):  # a secret, say: never a file or an argument
+                proc = subprocess.run(self.ssh_argv(command), capture_output=True, input=stdin,
                                       timeout=timeout or self.cfg.timeout)
+            else:
+                with open(stdin, "rb") as f:
+                    proc = subprocess.run(self.ssh_argv(command), capture_output=True, stdin=f,
+                                          timeout=timeout or self.cfg.timeout)
             return subprocess.CompletedProcess(proc.args, proc.returncode,
                                                proc.stdout.decode(errors="replace"),
                                                proc.stderr.decode(errors="replace"))
@@ -144,16 +207,29 @@ class SSHTransport(Transport):
         if proc.returncode == 255:
             raise TransportError(explain_ssh_failure(self.cfg, proc.stderr))
 
+    def exec(self, remote: list[str] | str, *, stdin: Path | bytes | None = None,
+             timeout: float | None = None) -> subprocess.CompletedProcess[str]:
+        """Run a command on the device (a list is quoted argument by argument; a string is
+        one shell command line, quote its parts yourself); SSH failures raise."""
+        proc = self._ssh(remote, stdin=stdin, timeout=timeout)
+        self._check(proc)
+        return proc
+
+    def run_python(self, args: list[str], *, timeout: float | None = None) -> dict[str, Any]:
+        """Run the device's Python with ``args`` and read its ``EDGEKT-JSON`` result."""
+        proc = self.exec([self.python, *args], timeout=timeout)
+        return self._result(proc.returncode, proc.stdout, proc.stderr, self.python)
+
     def stage(self, files: list[Path]) -> str:
         digest = hashlib.sha256()
         for f in files:
             digest.update(f.read_bytes())
         remote_dir = f"{self.workdir}/models/{digest.hexdigest()[:16]}"
         for f in files:
-            self._upload(f, f"{remote_dir}/{f.name}")
+            self.upload(f, f"{remote_dir}/{f.name}")
         return f"{remote_dir}/{files[0].name}"
 
-    def _upload(self, local: Path, remote: str) -> None:
+    def upload(self, local: Path, remote: str) -> None:
         """Copy with ``cat`` over ssh (no scp/sftp subsystem needed); skip files already there.
 
         The file is written under a temporary name and renamed, so an interrupted copy never
@@ -165,18 +241,14 @@ class SSHTransport(Transport):
         script = (f"if [ \"$(wc -c < {q(remote)} 2>/dev/null)\" -eq {size} ] 2>/dev/null; "
                   f"then cat > /dev/null; else mkdir -p {q(str(Path(remote).parent))} && "
                   f"cat > {q(tmp)} && mv -f {q(tmp)} {q(remote)}; fi")
-        proc = self._ssh(script, stdin=local)
-        self._check(proc)
+        proc = self.exec(script, stdin=local)
         if proc.returncode != 0:
             raise TransportError(f"device {self.cfg.name!r}: copying {local.name} to {remote} "
                                  f"failed: {proc.stderr.strip()[-500:]}")
 
     def run_runner(self, args: list[str]) -> dict[str, Any]:
         runner = build_runner()
-        remote_runner = self.stage([runner])
-        proc = self._ssh([self.python, remote_runner, *args])
-        self._check(proc)
-        return self._result(proc.returncode, proc.stdout, proc.stderr, self.python)
+        return self.run_python([self.stage([runner]), *args])
 
 
 def explain_ssh_failure(cfg: DeviceConfig, stderr: str) -> str:

@@ -4,11 +4,16 @@
     python scripts/bench_serve.py --requests 2000 --kills 5 --quick      # a reduced run
 
 Load: the same student (a cnn_xs trained for one epoch on 2,000 Fashion-MNIST images, exported
-by ``export_package``) answers one 28x28 image in process (``EdgeModel.predict``, 1 thread)
-and over HTTP from a real ``edgekt serve`` process (1 runtime thread), with 1 and 8 concurrent
-keep-alive clients (threads of this process). Bodies: ``.npy`` (what an IoT app sends) and PNG
-(what a camera sends; the decode is part of the cost). Latency is the client's wall time per
-request; the HTTP overhead is HTTP p50 minus in-process p50.
+by ``export_package``) answers one 28x28 image in process (``EdgeModel.predict``, 1 thread;
+measured before and after the HTTP runs) and over HTTP from a real ``edgekt serve`` process
+(1 runtime thread), with 1 and 8 concurrent keep-alive clients (threads of this process).
+Bodies: ``.npy`` (what an IoT app sends) and PNG (what a camera sends; the decode is part of
+the cost). Latency is the client's wall time per request; the HTTP overhead is HTTP p50 minus
+in-process p50. Two references in the same run: the floor (a bare uvicorn app answering a
+constant JSON of the same size, same client) and the server with ``--inline-ms 0`` (every
+prediction through the worker thread pool, as before the offload policy). The server's CPU
+time per request (``/proc/PID/stat``, warm-up requests included) is the figure a busy machine
+disturbs least.
 
 State under fire: 8 clients enroll (one PNG each, a new label every time) and predict while
 the server is SIGKILLed at random moments and restarted; every acknowledged enrollment must be
@@ -89,12 +94,68 @@ def npy(arr: np.ndarray) -> bytes:
 
 
 # ---- the server -------------------------------------------------------------------------------
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process (Linux), or None."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+FLOOR_APP = """
+import json, sys
+import uvicorn
+BODY = json.dumps({body!r}).encode()
+HEADERS = [(b"content-type", b"application/json"), (b"content-length", str(len(BODY)).encode())]
+
+
+async def app(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    more = True
+    while more:
+        more = (await receive()).get("more_body", False)
+    await send({{"type": "http.response.start", "status": 200, "headers": HEADERS}})
+    await send({{"type": "http.response.body", "body": BODY}})
+
+
+uvicorn.run(app, host="127.0.0.1", port={port}, log_level="warning")
+"""
+
+
+class FloorServer:
+    """A bare uvicorn app answering ``body`` to every request: the HTTP floor on this machine."""
+
+    def __init__(self, body: dict[str, Any], log: Path) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", FLOOR_APP.format(body=body, port=self.port)],
+            stderr=open(log, "a"), env={**os.environ, "OMP_NUM_THREADS": "1"})
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise RuntimeError(f"the floor server did not start; see {log}") from None
+                time.sleep(0.05)
+
+    def kill(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        self.proc.wait(30)
+
+
 class Server:
-    def __init__(self, package: Path, state: Path, log: Path) -> None:
+    def __init__(self, package: Path, state: Path, log: Path, *extra: str) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "edgekt.cli.app", "serve", str(package), "--port", "0",
              "--state-dir", str(state), "--threads", "1", "--log-level", "warning",
-             "--max-connections", "256"],
+             "--max-connections", "256", *extra],
             stdout=subprocess.PIPE, stderr=open(log, "a"), text=True, cwd=ROOT,
             env={**os.environ, "OMP_NUM_THREADS": "1"})
         line = self.proc.stdout.readline()
@@ -175,8 +236,8 @@ def in_process(package: Path, image: np.ndarray, n: int, seconds: float) -> dict
     return stats(times, time.perf_counter() - t0, 0)
 
 
-def http_load(port: int, body: bytes, ctype: str, clients: int, n: int, seconds: float
-              ) -> dict[str, Any]:
+def http_load(port: int, body: bytes, ctype: str, clients: int, n: int, seconds: float,
+              pid: int | None = None, server_timing: bool = True) -> dict[str, Any]:
     times: list[float] = []
     server: list[tuple[float, float]] = []  # the server's own (total, inference) ms
     errors = [0]
@@ -198,7 +259,8 @@ def http_load(port: int, body: bytes, ctype: str, clients: int, n: int, seconds:
             try:
                 status, answer = request(port, "POST", "/v1/predict", body,
                                          {"Content-Type": ctype}, conn)
-                if status == 200:
+                if status == 200 and "latency_ms" in answer and "inference" in \
+                        answer["latency_ms"]:
                     mine.append((answer["latency_ms"]["total"],
                                  answer["latency_ms"]["inference"]))
             except OSError:
@@ -214,13 +276,17 @@ def http_load(port: int, body: bytes, ctype: str, clients: int, n: int, seconds:
             errors[0] += bad
 
     threads = [threading.Thread(target=client) for _ in range(clients)]
+    cpu0 = cpu_seconds(pid) if pid else None
     t0 = time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     out = stats(times, time.perf_counter() - t0, errors[0])
-    if server:
+    cpu1 = cpu_seconds(pid) if pid else None
+    if cpu0 is not None and cpu1 is not None:
+        out["server_cpu_us_per_request"] = (cpu1 - cpu0) * 1e6 / (len(times) + 20 * clients)
+    if server and server_timing:
         # The server's view (body read to JSON built) separates its own cost from the
         # client's and the scheduler's: on 2 shared cores the client-side numbers carry both.
         out["server_total_p50_ms"] = statistics.median(t for t, _ in server)
@@ -326,37 +392,61 @@ def main() -> None:
         image = images[0]
         load: dict[str, Any] = {"in_process": in_process(cls_pkg, image, args.requests,
                                                         args.seconds)}
+        bodies = {"npy": (npy(image), "application/x-npy")}
+        if not args.quick:
+            bodies["png"] = (png(image), "image/png")
         server = Server(cls_pkg, work / "load-state", work / "load.log")
         try:
-            bodies = {"npy": (npy(image), "application/x-npy")}
-            if not args.quick:
-                bodies["png"] = (png(image), "image/png")
+            # The floor answers what the server answers, so both move the same bytes.
+            answer = request(server.port, "POST", "/v1/predict", bodies["npy"][0],
+                             {"Content-Type": "application/x-npy"})[1]
             for body_name, (body, ctype) in bodies.items():
                 for clients in (1, 8):
                     load[f"http_{body_name}_{clients}"] = http_load(
-                        server.port, body, ctype, clients, args.requests, args.seconds)
+                        server.port, body, ctype, clients, args.requests, args.seconds,
+                        server.proc.pid)
         finally:
             server.kill(signal.SIGTERM)
+        floor = FloorServer(answer, work / "floor.log")
+        try:
+            load["floor_npy_1"] = http_load(floor.port, *bodies["npy"], 1, args.requests,
+                                            args.seconds, floor.proc.pid, server_timing=False)
+        finally:
+            floor.kill()
+        server = Server(cls_pkg, work / "thread-state", work / "thread.log", "--inline-ms", "0")
+        try:
+            load["thread_npy_1"] = http_load(server.port, *bodies["npy"], 1, args.requests,
+                                             args.seconds, server.proc.pid)
+        finally:
+            server.kill(signal.SIGTERM)
+        load["in_process_after"] = in_process(cls_pkg, image, args.requests, args.seconds)
         results["load"] = load
         results["under_fire"] = under_fire(emb_pkg, work, images, 8, args.kills,
                                            args.fire_seconds)
     results["host"]["loadavg_after"] = os.getloadavg()
 
-    base = load["in_process"]["p50_ms"]
+    base = (load["in_process"]["p50_ms"] + load["in_process_after"]["p50_ms"]) / 2
+    results["in_process_p50_ms"] = base
     t = Table(title=f"predict, one 28x28 image (cnn_xs; CPU flags: "
                     f"{' '.join(results['host']['cpu_flags']) or 'none'})")
     for col in ("path", "clients", "requests", "errors", "req/s", "p50 ms", "p99 ms",
-                "p50 overhead ms", "server p50 ms (model)"):
+                "p50 overhead ms", "server p50 ms (model)", "server CPU us/req"):
         t.add_column(col, justify="right")
+    names = {"in_process": "in-process EdgeModel.predict (before)",
+             "in_process_after": "in-process EdgeModel.predict (after)",
+             "floor_npy_1": "floor: bare uvicorn, constant JSON",
+             "thread_npy_1": "HTTP npy body, --inline-ms 0"}
     for name, r in load.items():
-        clients = "1" if name == "in_process" else name.rsplit("_", 1)[1]
-        path = "in-process EdgeModel.predict" if name == "in_process" else \
-            f"HTTP {name.split('_')[1]} body"
-        t.add_row(path, clients, str(r["requests"]), str(r["errors"]),
-                  f"{r['throughput_rps']:.0f}", f"{r['p50_ms']:.3f}", f"{r['p99_ms']:.3f}",
-                  "" if name == "in_process" else f"{r['p50_ms'] - base:.3f}",
-                  "" if name == "in_process" else
-                  f"{r['server_total_p50_ms']:.3f} ({r['server_inference_p50_ms']:.3f})")
+        local = name.startswith("in_process")
+        clients = "1" if local else name.rsplit("_", 1)[1]
+        t.add_row(names.get(name, f"HTTP {name.split('_')[1]} body"), clients,
+                  str(r["requests"]), str(r["errors"]), f"{r['throughput_rps']:.0f}",
+                  f"{r['p50_ms']:.3f}", f"{r['p99_ms']:.3f}",
+                  "" if local else f"{r['p50_ms'] - base:.3f}",
+                  f"{r['server_total_p50_ms']:.3f} ({r['server_inference_p50_ms']:.3f})"
+                  if "server_total_p50_ms" in r else "",
+                  f"{r['server_cpu_us_per_request']:.0f}"
+                  if "server_cpu_us_per_request" in r else "")
     console.print(t)
     f = results["under_fire"]
     console.print(f"under fire: {f['clients']} clients, {f['kills']} SIGKILL/restarts, "
@@ -366,8 +456,9 @@ def main() -> None:
                   f"{f['restart_s_median'] or 0:.2f} s")
     console.print(f"[dim]load average before/after: {results['host']['loadavg_before']} / "
                   f"{results['host']['loadavg_after']} (2 shared cores: compare within a run)[/]")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2))
+    from edgekt.io import atomic_write_text
+
+    atomic_write_text(args.out, json.dumps(results, indent=2))
     console.print(f"written to {args.out}")
 
 

@@ -43,6 +43,7 @@ from edgekt.devices.serve.inputs import (
     unsupported,
 )
 from edgekt.devices.serve.metrics import ServeMetrics
+from edgekt.devices.serve.offload import Offload
 from edgekt.devices.serve.service import Package, Service
 from edgekt.errors import EdgektError
 
@@ -66,6 +67,10 @@ class ServeSettings:
     cross-origin calls)."""
     page: bool = True
     """Serve the page for people at ``/``."""
+    inline_ms: float = 2.0
+    """Predictions run on the event loop, not a worker thread, while their recent decode +
+    inference times stay under this many ms (:mod:`~edgekt.devices.serve.offload`); 0: always
+    a thread."""
 
 
 # ---- response bodies (they make the OpenAPI description) -------------------------------------
@@ -259,6 +264,7 @@ def create_app(service: Service, settings: ServeSettings | None = None, *,
     settings = settings or ServeSettings()
     limits = settings.limits
     metrics = ServeMetrics(service)
+    offload = Offload(settings.inline_ms)
     if events is not None:
         service.listeners.append(events)
 
@@ -280,6 +286,7 @@ def create_app(service: Service, settings: ServeSettings | None = None, *,
                               "of an edgekt package. State-changing routes need a bearer token "
                               "when one is configured.")
     app.state.service, app.state.metrics, app.state.events = service, metrics, events
+    app.state.offload = offload
 
     # -- errors: always JSON with a code
     @app.exception_handler(ServeError)
@@ -400,17 +407,21 @@ def create_app(service: Service, settings: ServeSettings | None = None, *,
 
         return decode, fields
 
-    async def decode_and(decode: Callable[[], list[Any]], call: Callable[[list[Any]], Any]
+    async def decode_and(decode: Callable[[], list[Any]], call: Callable[[list[Any]], Any],
+                         *, kind: str | None = None, nbytes: int | None = None
                          ) -> tuple[Any, float]:
-        """Decode, then ``call(samples)``, in one worker-thread hop (each hop costs latency);
-        returns the result and the seconds spent decoding."""
+        """Decode, then ``call(samples)``, in one step; returns the result and the seconds
+        spent decoding. With a ``kind``, where :class:`Offload` says; else in a worker thread
+        (state changes wait for fsync)."""
         def job() -> tuple[Any, float]:
             t0 = time.perf_counter()
             samples = decode()
             seconds = time.perf_counter() - t0
             return call(samples), seconds
 
-        return await run_in_threadpool(job)
+        if kind is None:
+            return await run_in_threadpool(job)
+        return await offload.run(kind, job, nbytes=nbytes)
 
     def label_of(request: Request, fields: dict[str, str]) -> str:
         label = fields.get("label", request.query_params.get("label"))
@@ -454,11 +465,18 @@ def create_app(service: Service, settings: ServeSettings | None = None, *,
                            if service.package.classifier else None),
                 "limits": vars(limits)}
 
-    async def classify(request: Request, fn: Callable[[Any], dict[str, Any]]) -> JSONResponse:
-        """Decode one image from the request, classify it with ``fn``, add the timings."""
+    async def classify(request: Request, fn: Callable[[Any], dict[str, Any]],
+                       kind: str | None = None) -> JSONResponse:
+        """Decode one image from the request, classify it with ``fn``, add the timings.
+
+        ``kind``: the call may run on the event loop when it is short (:class:`Offload`);
+        only for lock-free calls. Few-shot and continual predictions read state that an
+        enrollment holds locked while it fsyncs, and that wait must not block the loop."""
         t0 = time.perf_counter()
         decode, _ = await read_inputs(request, service.package, many=False)
-        result, dec = await decode_and(decode, lambda s: fn(s[0]))
+        length = request.headers.get("content-length") if kind else None
+        result, dec = await decode_and(decode, lambda s: fn(s[0]), kind=kind,
+                                       nbytes=int(length) if length else None)
         return JSONResponse(finish(result, t0, dec))  # already the documented shape
 
     @app.post("/v1/predict", response_model=Prediction, response_model_exclude_unset=True,
@@ -467,7 +485,7 @@ def create_app(service: Service, settings: ServeSettings | None = None, *,
     async def predict(request: Request, top: int = 5) -> JSONResponse:
         """Classify one image with the package's classifier."""
         k = min(max(top, 1), 100)
-        return await classify(request, lambda x: service.predict(x, k))
+        return await classify(request, lambda x: service.predict(x, k), "predict")
 
     @app.post("/v1/fewshot/predict", response_model=Prediction,
               response_model_exclude_unset=True, tags=["fewshot"], responses=ERRORS,
