@@ -8,6 +8,10 @@ from typing import Any
 
 from edgekt.io import atomic_write_text
 
+RUNTIME_COLORS = {"torch-eager": "tab:gray", "onnxruntime": "tab:blue", "openvino": "tab:purple",
+                  "litert": "tab:orange"}
+"""Pareto plot colour per runtime (any other runtime: olive); the legend lists those present."""
+
 
 def pareto_front(points: list[tuple[float, float]]) -> list[bool]:
     """Mark points (latency, accuracy) that no other point beats on both (lower, higher)."""
@@ -171,8 +175,7 @@ def plots(rows: list[dict[str, Any]], run_dir: Path) -> list[str]:
     fig, ax = plt.subplots(figsize=(8, 5.5))
     markers = {"fp32": "o", "fp16": "s", "int8": "^"}
     for r in ok:
-        color = {"torch-eager": "tab:gray", "onnxruntime": "tab:blue",
-                 "openvino": "tab:purple"}.get(r["runtime"].split()[0], "tab:green")
+        color = RUNTIME_COLORS.get(r["runtime"].split()[0], "tab:olive")
         ax.scatter(r["p50_ms"], r["test_acc"] * 100, marker=markers.get(r["precision"], "x"),
                    c=color, s=70 if r.get("pareto") else 30,
                    edgecolors="red" if r.get("pareto") else "none")
@@ -188,9 +191,9 @@ def plots(rows: list[dict[str, Any]], run_dir: Path) -> list[str]:
     front = sorted((r["p50_ms"], r["test_acc"] * 100) for r in ok if r.get("pareto"))
     if front:
         ax.plot(*zip(*front, strict=True), "r--", lw=1, label="Pareto front")
-    for rt, color in (("torch-eager", "tab:gray"), ("onnxruntime", "tab:blue"),
-                      ("openvino", "tab:purple")):
-        ax.scatter([], [], c=color, label=rt)
+    for rt, color in RUNTIME_COLORS.items():
+        if any(r["runtime"].split()[0] == rt for r in ok):
+            ax.scatter([], [], c=color, label=rt)
     for prec, m in markers.items():
         ax.scatter([], [], c="k", marker=m, label=prec)
     ax.set_xscale("log")
