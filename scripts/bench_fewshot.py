@@ -257,8 +257,9 @@ def report(out: dict[str, Any]) -> None:
     for col in ("recipe", "train episodes", "train CPU s", "Fashion 4w1s", "Fashion 4w5s",
                 "vs baseline 1s/5s", "MNIST 5w1s", "MNIST 5w5s"):
         t.add_column(col)
-    base = out["recipes"].get("baseline", out["recipes"]["protonet"])["eval"]["fashion"][
-        "results"]["torch"]
+    has_base = "baseline" in out["recipes"]
+    base = out["recipes"]["baseline" if has_base else "protonet"]["eval"]["fashion"]["results"][
+        "torch"]
     q1, q5 = QUOTED["1"], QUOTED["5"]
     t.add_row("easyfsl ProtoNet (quoted)", "500", "", f"{100 * q1[0]:.1f} ± {100 * q1[1]:.1f}",
               f"{100 * q5[0]:.1f} ± {100 * q5[1]:.1f}", "", "", "")
@@ -269,7 +270,7 @@ def report(out: dict[str, Any]) -> None:
         t.add_row(name, str(row["episodes"] or f"{row['steps']} batches"),
                   f"{row['train_cpu_s']:.0f}",
                   *(f"{100 * a:.1f} ± {100 * c:.1f}" for a, c in (_acc(f, 1), _acc(f, 5))),
-                  f"{d1:+.1f} / {d5:+.1f} pt",
+                  f"{d1:+.1f} / {d5:+.1f} pt" if has_base else "",
                   *(f"{100 * a:.1f} ± {100 * c:.1f}" for a, c in (_acc(m, 1), _acc(m, 5))))
     console.print(t)
     dev = out["device"]

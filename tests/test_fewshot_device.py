@@ -472,6 +472,8 @@ def test_cli_train_and_eval(tmp_path):
     report = json.loads(res.stdout)
     rows = report["results"]["torch"]
     assert [r["k_shot"] for r in rows] == [1, 5] and all(r["n_way"] == 4 for r in rows)
-    assert all(0.25 < r["acc"] <= 1 for r in rows) and report["open_set"]["novel"]
+    assert all(0.25 < r["acc"] <= 1 for r in rows)
+    assert set(report["open_set"]) == {"normalized", "distance"}
+    assert all(r["novel"]["n_unknown"] > 0 for r in report["open_set"].values())
     res = runner.invoke(app, ["fewshot", "train", str(cfg), "--set", "data.classes=null"])
     assert res.exit_code == 2 and "base classes" in res.output
