@@ -86,6 +86,9 @@ def evaluate(
     queries: Annotated[int, typer.Option(help="Queries per class.")] = 15,
     episodes: Annotated[int, typer.Option(help="Episodes per K.")] = 600,
     seed: Annotated[int, typer.Option(help="Episode seed.")] = 0,
+    split: Annotated[str, typer.Option(
+        help="Novel-class images to draw episodes from: test, or train (validation episodes "
+             "for choosing a recipe without touching the test images).")] = "test",
     transform: Annotated[str, typer.Option(
         help="Embedding transform: auto, none, l2, cl2n (SimpleShot).")] = "auto",
     data_dir: DataDirOpt = None,
@@ -97,7 +100,7 @@ def evaluate(
     shot_list = _ints(shots) or [1, 5]
     report = fewshot_evaluate(checkpoint, package=package, dataset=dataset, novel=_ints(novel),
                               ways=ways, shots=shot_list, queries=queries, episodes=episodes,
-                              seed=seed, transform=transform, data_dir=data_dir)
+                              seed=seed, transform=transform, data_dir=data_dir, split=split)
     if as_json:
         print(json.dumps(report, indent=2))
         return
