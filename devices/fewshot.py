@@ -3,8 +3,20 @@
 A ``PrototypeClassifier`` sits on an exported embedding model (anything with
 ``embed(raw) -> (N, D) array``, e.g. ``edgekt.devices.EdgeModel``). Each class is the running
 mean ("prototype") of its enrolled embeddings; a query gets the nearest prototype's label, or
-``None`` ("unknown") when that prototype is farther than a threshold calibrated on the base
-classes. Labels are arbitrary non-empty strings.
+``None`` ("unknown") when the query is too far from that prototype. Labels are arbitrary
+non-empty strings.
+
+Open-set rejection has two rules (``rejection`` in the state):
+
+* ``normalized`` (what ``calibrate_threshold`` sets up by default): the query's squared
+  distance to the predicted class's prototype in a *whitened* space (base-class within-class
+  covariance, shrunk towards isotropic), divided by the distance a sample of that class is
+  expected to have, estimated from the spread of its own enrolled shots. The threshold is
+  therefore per prototype: a diffuse class gets a wide radius, a tight one a narrow radius.
+  With one shot (no spread to measure) the class uses the base classes' average spread: the
+  documented fallback, also used for classes enrolled before the whitening was fitted.
+* ``distance`` (states written before format 2, or ``rejection="distance"``): one global
+  threshold on the raw nearest-prototype distance.
 
 Policies (documented because an app depends on them):
 
@@ -18,6 +30,9 @@ Policies (documented because an app depends on them):
   (``edgekt.devices.lock``), reloads what another process committed meanwhile, applies itself
   and commits, so concurrent enrollments are all kept. A process that waits longer than
   ``lock_timeout`` seconds gets ``StateLockedError`` naming the holder's pid.
+* **State format**: ``edgekt.fewshot/2`` adds the normalised rule (arrays ``scatter``,
+  ``norm_mean``, ``norm_whiten``; meta ``rejection``, ``norm``). Format 1 files load unchanged
+  and keep the ``distance`` rule until recalibrated.
 * **A damaged state file is refused** (``StateCorruptError``), never replaced by an empty
   classifier. When the previous generation is intact, ``recover=True`` restores it (the damaged
   file is kept beside it as ``NAME.corrupt``); it then lacks only the last change.
@@ -49,9 +64,12 @@ log = logging.getLogger(__name__)
 
 Metric = Literal["euclidean", "cosine"]
 Transform = Literal["none", "l2", "cl2n"]
-FORMAT = "edgekt.fewshot/1"
+Rejection = Literal["normalized", "distance"]
+FORMAT = "edgekt.fewshot/2"
+FORMATS_READ = ("edgekt.fewshot/1", FORMAT)
 METRICS = ("euclidean", "cosine")
 TRANSFORMS = ("none", "l2", "cl2n")
+REJECTIONS = ("normalized", "distance")
 
 
 class Embedder(Protocol):
@@ -97,6 +115,88 @@ def class_means(emb: np.ndarray, labels: np.ndarray, n_classes: int) -> np.ndarr
     return sums / np.maximum(np.bincount(labels, minlength=n_classes), 1)[:, None]
 
 
+# ---- open-set score normalisation ----
+@dataclass(frozen=True)
+class Normalizer:
+    """Open-set score normalisation fitted on base-class embeddings (``fit_normalizer``).
+
+    ``score = |W(q - p_c)|^2 / ((1 + 1/k_c) * var_c)``: the whitened squared distance of a
+    query to class c's prototype over the one a sample of c is expected to have. ``var_c`` is
+    c's per-sample variance in the whitened space, estimated from its ``k_c`` shots and shrunk
+    towards the base classes' average ``prior_var`` with the weight of ``prior_shots`` extra
+    shots (a conjugate-prior style estimate); one shot gives ``prior_var`` alone. Known
+    queries score about 1 whatever the class, so one threshold fits tight and diffuse classes.
+    """
+
+    mean: np.ndarray
+    """(D,) base-class mean embedding (the whitening's origin)."""
+    whiten: np.ndarray
+    """(D, D) inverse square root of the shrunk pooled within-class covariance."""
+    prior_var: float
+    """Base classes' mean squared distance of a sample to its class mean, whitened."""
+    prior_shots: float = 5.0
+    shrinkage: float = 0.5
+
+    def project(self, emb: np.ndarray) -> np.ndarray:
+        return (np.asarray(emb, np.float64) - self.mean) @ self.whiten
+
+    def class_var(self, counts: np.ndarray, scatter: np.ndarray) -> np.ndarray:
+        """Per-class variance estimate; an unknown (NaN) scatter counts as a single shot."""
+        counts = np.asarray(counts, np.float64)
+        known = np.isfinite(scatter)
+        ss = np.where(known, scatter, 0.0)
+        k = np.where(known, counts, 1.0)
+        return (ss + self.prior_shots * self.prior_var) / (k - 1.0 + self.prior_shots)
+
+    def scores(self, queries: np.ndarray, protos: np.ndarray, counts: np.ndarray,
+               scatter: np.ndarray) -> np.ndarray:
+        """(Q, D) queries x N prototypes -> (Q, N) normalised scores (≈ 1 for known samples)."""
+        d = distances(self.project(queries), self.project(protos), "euclidean")
+        counts = np.asarray(counts, np.float64)
+        return d / ((1.0 + 1.0 / counts) * self.class_var(counts, scatter))[None, :]
+
+
+def fit_normalizer(emb: np.ndarray, labels: np.ndarray, *, shrinkage: float = 0.5,
+                   prior_shots: float = 5.0) -> Normalizer:
+    """Fit the whitening and the prior spread on labelled base-class embeddings.
+
+    ``shrinkage`` mixes the pooled within-class covariance with an isotropic one of the same
+    trace (0: full whitening, 1: none) so that directions the base classes barely use are
+    amplified but not blown up by estimation noise. Needs >= 2 classes with >= 2 samples each.
+    """
+    x, y = np.asarray(emb, np.float64), np.asarray(labels)
+    classes, counts = np.unique(y, return_counts=True)
+    if len(classes) < 2 or counts.min() < 2:
+        found = dict(zip(classes.tolist(), counts.tolist(), strict=True))
+        raise EdgektError(f"fitting the open-set normalisation needs >= 2 classes with >= 2 "
+                          f"samples each; got class: count {found}")
+    if not 0.0 <= shrinkage <= 1.0 or not prior_shots > 0:
+        raise EdgektError(f"shrinkage must be in [0, 1] and prior_shots > 0 (got {shrinkage}, "
+                          f"{prior_shots})")
+    dev = x - np.stack([x[y == c].mean(0) for c in classes])[np.searchsorted(classes, y)]
+    cov = dev.T @ dev / (len(x) - len(classes))
+    dim = len(cov)
+    cov = (1.0 - shrinkage) * cov + shrinkage * np.trace(cov) / dim * np.eye(dim)
+    w, v = np.linalg.eigh(cov)
+    w = np.maximum(w, 1e-12 * max(float(w.max()), 1e-300))
+    whiten = (v / np.sqrt(w)) @ v.T
+    prior = float(((dev @ whiten) ** 2).sum() / (len(x) - len(classes)))
+    return Normalizer(x.mean(0), whiten, prior, float(prior_shots), float(shrinkage))
+
+
+def scatter_of(shots: np.ndarray) -> float:
+    """Sum of squared deviations of (projected) shots from their mean."""
+    return float(((shots - shots.mean(0)) ** 2).sum())
+
+
+def merge_scatter(scatter: float, mean: np.ndarray, n: int, batch: np.ndarray) -> float:
+    """A class's scatter after adding ``batch`` (projected shots) to its ``n`` shots of
+    projected mean ``mean``: as if all had been enrolled at once (Chan et al. 1979)."""
+    m = len(batch)
+    delta = batch.mean(0) - mean
+    return scatter + scatter_of(batch) + float(delta @ delta) * n * m / (n + m)
+
+
 @dataclass(frozen=True)
 class OpenSetRates:
     """Open-set rejection quality of a threshold."""
@@ -114,12 +214,16 @@ class OpenSetRates:
 
 
 def open_set_trials(emb: np.ndarray, labels: np.ndarray, *, shots: int, metric: str,
-                    trials: int = 20, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Nearest-prototype distances of known and unknown samples over random trials.
+                    trials: int = 20, seed: int = 0, normalizer: Normalizer | None = None,
+                    outsiders: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Open-set scores of known and unknown samples over random trials.
 
     Each trial enrolls half of the classes from ``shots`` random samples each; the other
     samples of enrolled classes are "known" queries, all samples of the other classes
-    "unknown" ones. Needs at least 2 classes and more than ``shots`` samples per class.
+    "unknown" ones (or, when given, the ``outsiders`` embeddings: e.g. other domains). A
+    query's score is its distance to the nearest prototype, or with ``normalizer`` its
+    normalised score for that class (the ``normalized`` rule). Needs at least 2 classes and
+    more than ``shots`` samples per class.
     """
     classes = np.unique(labels)
     if len(classes) < 2:
@@ -134,33 +238,49 @@ def open_set_trials(emb: np.ndarray, labels: np.ndarray, *, shots: int, metric: 
     n_enroll = max(1, len(classes) // 2)
     for _ in range(trials):
         enrolled = rng.permutation(classes)[:n_enroll]
-        protos, query_mask = [], np.zeros(len(labels), bool)
+        protos, scatter, query_mask = [], [], np.zeros(len(labels), bool)
         for c in enrolled:
             idx = rng.permutation(np.flatnonzero(labels == c))
             protos.append(emb[idx[:shots]].mean(0))
+            if normalizer is not None:
+                scatter.append(scatter_of(normalizer.project(emb[idx[:shots]])))
             query_mask[idx[shots:]] = True
-        d = distances(emb, np.stack(protos), metric).min(1)
-        known.append(d[query_mask])
-        unknown.append(d[~np.isin(labels, enrolled)])
+        score = _open_score(emb, np.stack(protos), shots, np.asarray(scatter), metric, normalizer)
+        known.append(score[query_mask])
+        unknown.append(score[~np.isin(labels, enrolled)] if outsiders is None else
+                       _open_score(outsiders, np.stack(protos), shots, np.asarray(scatter),
+                                   metric, normalizer))
     return np.concatenate(known), np.concatenate(unknown)
 
 
+def _open_score(queries: np.ndarray, protos: np.ndarray, shots: int, scatter: np.ndarray,
+                metric: str, normalizer: Normalizer | None) -> np.ndarray:
+    """Each query's open-set score for its nearest prototype (as ``predict`` computes it)."""
+    d = distances(queries, protos, metric)
+    if normalizer is None:
+        return d.min(1)
+    s = normalizer.scores(queries, protos, np.full(len(protos), shots), scatter)
+    return s[np.arange(len(s)), d.argmin(1)]
+
+
 def rates_at(threshold: float, known: np.ndarray, unknown: np.ndarray) -> OpenSetRates:
-    """False-accept and false-reject rates when distances above ``threshold`` are rejected."""
+    """False-accept and false-reject rates when scores above ``threshold`` are rejected."""
     return OpenSetRates(float(threshold), float((unknown <= threshold).mean()),
                         float((known > threshold).mean()), len(known), len(unknown))
 
 
 def calibrate(emb: np.ndarray, labels: np.ndarray, *, shots: int = 5, metric: str = "euclidean",
-              target_frr: float = 0.05, trials: int = 20, seed: int = 0) -> OpenSetRates:
-    """Pick the distance threshold that rejects ``target_frr`` of known samples.
+              target_frr: float = 0.05, trials: int = 20, seed: int = 0,
+              normalizer: Normalizer | None = None) -> OpenSetRates:
+    """Pick the threshold that rejects ``target_frr`` of known samples (on the distance, or
+    with ``normalizer`` on the normalised score).
 
     ``emb`` must already be transformed (``transform_embeddings``) as the classifier will.
     """
     if not 0.0 <= target_frr < 1.0:
         raise EdgektError(f"target_frr must be in [0, 1), got {target_frr}")
     known, unknown = open_set_trials(emb, labels, shots=shots, metric=metric, trials=trials,
-                                     seed=seed)
+                                     seed=seed, normalizer=normalizer)
     return rates_at(float(np.quantile(known, 1.0 - target_frr)), known, unknown)
 
 
@@ -177,6 +297,9 @@ class Prediction:
     """Distance to the nearest prototype (squared Euclidean or cosine distance)."""
     score: float
     """Softmax probability of ``nearest`` over all enrolled classes (logits = -scale * d)."""
+    novelty: float | None = None
+    """Normalised open-set score for ``nearest`` (about 1 for a typical sample of that class,
+    larger = more unusual); None when the classifier has no normaliser (distance rule)."""
 
     @property
     def known(self) -> bool:
@@ -191,7 +314,8 @@ class PrototypeClassifier:
         state_path: the state file; loaded if it exists, written after every change.
         metric, transform, center, scale, threshold: settings for a *new* state; a loaded
             state keeps its own (change the threshold with ``calibrate_threshold`` or
-            ``set_threshold``).
+            ``set_threshold``). A threshold given here is a distance (``distance`` rule);
+            ``calibrate_threshold`` switches to the ``normalized`` rule.
         recover: accept the previous generation when the state file is damaged.
         lock_timeout: seconds a change waits for another process's change to the same file.
     """
@@ -218,9 +342,12 @@ class PrototypeClassifier:
             self.metric, self.transform, self.scale = metric, transform, float(scale)
             self.center = None if center is None else np.asarray(center, np.float64).ravel()
             self.threshold = None if threshold is None else float(threshold)
+            self.rejection: Rejection = "distance"
+            self.normalizer: Normalizer | None = None
             self._labels: list[str] = []
             self._protos = np.zeros((0, 0))
             self._counts = np.zeros(0, np.int64)
+            self._scatter = np.zeros(0)
             self.calibration: dict[str, Any] = {}
             self._generation = 0
 
@@ -261,6 +388,11 @@ class PrototypeClassifier:
         if self.center is not None and emb.shape[1] != len(self.center):
             raise EdgektError(f"embedding size {emb.shape[1]} differs from the calibration "
                               f"center's {len(self.center)} (state {self.path})")
+        norm = self.normalizer
+        if norm is not None and emb.shape[1] != len(norm.mean):
+            raise EdgektError(f"embedding size {emb.shape[1]} differs from the open-set "
+                              f"normaliser's {len(norm.mean)}: state {self.path} belongs to "
+                              f"another model")
         return transform_embeddings(emb, self.transform, self.center)
 
     def predict(self, x: np.ndarray) -> Prediction:
@@ -270,19 +402,27 @@ class PrototypeClassifier:
     def predict_batch(self, samples: Sequence[np.ndarray] | np.ndarray) -> list[Prediction]:
         """Classify several samples (one embedding call)."""
         with self._lock:
-            labels, protos, threshold = self._labels, self._protos, self.threshold
+            labels, protos, counts, scatter = self._labels, self._protos, self._counts, \
+                self._scatter
+            threshold, rejection, norm = self.threshold, self.rejection, self.normalizer
         if not labels:
             raise EdgektError("no class enrolled yet: enroll at least one label before predict")
-        d = distances(self.embed(samples), protos, self.metric)
+        emb = self.embed(samples)
+        d = distances(emb, protos, self.metric)
+        nearest = d.argmin(1)
+        rows = np.arange(len(d))
+        novelty = None if norm is None else \
+            norm.scores(emb, protos, counts, scatter)[rows, nearest]
+        open_score = novelty if rejection == "normalized" else d[rows, nearest]
         logits = -self.scale * d
         p = np.exp(logits - logits.max(1, keepdims=True))
         p /= p.sum(1, keepdims=True)
         out = []
-        for row, prob in zip(d, p, strict=True):
-            j = int(row.argmin())
-            far = threshold is not None and row[j] > threshold
-            out.append(Prediction(None if far else labels[j], labels[j],
-                                  float(row[j]), float(prob[j])))
+        for i, j in enumerate(nearest.tolist()):
+            far = threshold is not None and open_score[i] > threshold
+            out.append(Prediction(None if far else labels[j], labels[j], float(d[i, j]),
+                                  float(p[i, j]),
+                                  None if novelty is None else float(novelty[i])))
         return out
 
     # ---- changes (each one committed before returning) ----------------------------------------
@@ -300,23 +440,33 @@ class PrototypeClassifier:
 
     def _enroll(self, label: str, emb: np.ndarray, replace: bool) -> int:
         protos, counts, labels = self._protos, self._counts.copy(), list(self._labels)
+        scatter = self._scatter.copy()
         if not protos.size:
             protos = np.zeros((0, emb.shape[1]))
+        # The spread of the shots in the normaliser's space (NaN: unknown, the prior is used).
+        proj = None if self.normalizer is None else self.normalizer.project(emb)
+        new_ss = np.nan if proj is None else scatter_of(proj)
         if label in labels and not replace:
             j = labels.index(label)
             n, m = counts[j], len(emb)
+            if proj is not None and np.isfinite(scatter[j]):
+                old_mean = self.normalizer.project(protos[j][None])[0]
+                scatter[j] = merge_scatter(float(scatter[j]), old_mean, int(n), proj)
+            else:
+                scatter[j] = np.nan
             protos = protos.copy()
             protos[j] = (protos[j] * n + emb.sum(0)) / (n + m)
             counts[j] = n + m
         elif label in labels:
             j = labels.index(label)
             protos = protos.copy()
-            protos[j], counts[j] = emb.mean(0), len(emb)
+            protos[j], counts[j], scatter[j] = emb.mean(0), len(emb), new_ss
         else:
             protos = np.concatenate([protos, emb.mean(0, keepdims=True)])
             counts = np.append(counts, len(emb))
+            scatter = np.append(scatter, new_ss)
             labels.append(label)
-        self._commit(labels, protos, counts)
+        self._commit(labels, protos, counts, scatter)
         return int(counts[labels.index(label)])
 
     def remove(self, label: str) -> None:
@@ -324,48 +474,65 @@ class PrototypeClassifier:
         with self._changing():
             j = self._index(label)
             keep = [i for i in range(len(self._labels)) if i != j]
-            self._commit([self._labels[i] for i in keep], self._protos[keep], self._counts[keep])
+            self._commit([self._labels[i] for i in keep], self._protos[keep], self._counts[keep],
+                         self._scatter[keep])
 
     def set_threshold(self, threshold: float | None) -> None:
-        """Set the rejection distance (None: never reject)."""
+        """Set the rejection threshold in the current rule's units (``rejection``: a distance,
+        or a normalised score where about 1 is a typical known sample); None: never reject."""
         if threshold is not None and not (np.isfinite(threshold) and threshold >= 0):
             raise EdgektError(f"threshold must be a finite distance >= 0 or None, got {threshold}")
         with self._changing():
             old = self.threshold
             self.threshold = None if threshold is None else float(threshold)
             try:
-                self._commit(self._labels, self._protos, self._counts)
+                self._commit(self._labels, self._protos, self._counts, self._scatter)
             except BaseException:
                 self.threshold = old
                 raise
 
     def calibrate_threshold(self, samples: Sequence[np.ndarray] | np.ndarray,
                             labels: Sequence[Any], *, shots: int = 5, target_frr: float = 0.05,
-                            trials: int = 20, seed: int = 0) -> OpenSetRates:
-        """Calibrate the unknown-rejection threshold on labelled base-class samples.
+                            trials: int = 20, seed: int = 0,
+                            rejection: Rejection = "normalized", shrinkage: float = 0.5,
+                            prior_shots: float = 5.0) -> OpenSetRates:
+        """Calibrate unknown rejection on labelled base-class samples.
 
-        Simulates enrolling half of the classes from ``shots`` samples and sets the threshold
+        With ``rejection="normalized"`` (default) first fits the normaliser (whitening with
+        ``shrinkage``, prior spread worth ``prior_shots`` shots) on the samples. Then
+        simulates enrolling half of the classes from ``shots`` samples and sets the threshold
         that wrongly rejects ``target_frr`` of their other samples; returns the false-accept
-        and false-reject rates measured in that simulation (base classes, so optimistic for
+        and false-reject rates measured in that simulation (base classes: optimistic for
         novel ones; ``edgekt fewshot eval`` measures them on novel classes). Enrolled classes
-        are untouched.
+        are kept; when the normaliser changes, their spreads fall back to the prior until
+        re-enrolled (the spread is only known in the space it was measured in).
         """
+        if rejection not in REJECTIONS:
+            raise EdgektError(f"unknown rejection rule {rejection!r} (valid: {REJECTIONS})")
         y = np.asarray(labels)
         emb = self.embed(samples)
         if len(y) != len(emb):
             raise EdgektError(f"{len(emb)} samples but {len(y)} labels")
         _, codes = np.unique(y, return_inverse=True)
+        norm = fit_normalizer(emb, codes, shrinkage=shrinkage, prior_shots=prior_shots) \
+            if rejection == "normalized" else self.normalizer
         rates = calibrate(emb, codes, shots=shots, metric=self.metric, target_frr=target_frr,
-                          trials=trials, seed=seed)
+                          trials=trials, seed=seed,
+                          normalizer=norm if rejection == "normalized" else None)
         with self._changing():
-            old = (self.threshold, self.calibration)
-            self.threshold = rates.threshold
+            old = (self.threshold, self.calibration, self.rejection, self.normalizer)
+            scatter = self._scatter
+            if norm is not self.normalizer and len(scatter) and np.isfinite(scatter).any():
+                log.warning("%s: the open-set normaliser changed; the %d enrolled class(es) use "
+                            "the prior spread until re-enrolled", self.path, len(scatter))
+                scatter = np.full(len(scatter), np.nan)
+            self.threshold, self.rejection, self.normalizer = rates.threshold, rejection, norm
             self.calibration = {**rates.as_dict(), "shots": shots, "target_frr": target_frr,
-                                "trials": trials}
+                                "trials": trials, "rejection": rejection}
             try:
-                self._commit(self._labels, self._protos, self._counts)
+                self._commit(self._labels, self._protos, self._counts, scatter)
             except BaseException:
-                self.threshold, self.calibration = old
+                self.threshold, self.calibration, self.rejection, self.normalizer = old
                 raise
         return rates
 
@@ -382,18 +549,26 @@ class PrototypeClassifier:
                 self._adopt(state)
             yield
 
-    def _commit(self, labels: list[str], protos: np.ndarray, counts: np.ndarray) -> None:
+    def _commit(self, labels: list[str], protos: np.ndarray, counts: np.ndarray,
+                scatter: np.ndarray) -> None:
         """Write the new state, then adopt it in memory (a failed write changes nothing)."""
         arrays = {"prototypes": np.asarray(protos, np.float64),
-                  "counts": np.asarray(counts, np.int64)}
+                  "counts": np.asarray(counts, np.int64),
+                  "scatter": np.asarray(scatter, np.float64)}
         if self.center is not None:
             arrays["center"] = self.center
         meta = {"format": FORMAT, "labels": labels, "metric": self.metric,
                 "transform": self.transform, "scale": self.scale, "threshold": self.threshold,
-                "calibration": self.calibration, "saved_at": time.time()}
+                "rejection": self.rejection, "calibration": self.calibration,
+                "saved_at": time.time()}
+        if self.normalizer is not None:
+            n = self.normalizer
+            arrays["norm_mean"], arrays["norm_whiten"] = n.mean, n.whiten
+            meta["norm"] = {"prior_var": n.prior_var, "prior_shots": n.prior_shots,
+                            "shrinkage": n.shrinkage}
         self._generation = save_state(self.path, State(arrays, meta, self._generation))
-        self._labels, self._protos, self._counts = list(labels), arrays["prototypes"], \
-            arrays["counts"]
+        self._labels, self._protos, self._counts, self._scatter = list(labels), \
+            arrays["prototypes"], arrays["counts"], arrays["scatter"]
 
     def _load(self, recover: bool) -> State | None:
         state = load_state(self.path)
@@ -414,14 +589,14 @@ class PrototypeClassifier:
         self._adopt(state)
         if source is not None:
             with state_lock(self.path, self.lock_timeout):
-                self._commit(self._labels, self._protos, self._counts)
+                self._commit(self._labels, self._protos, self._counts, self._scatter)
         return state
 
     def _adopt(self, state: State) -> None:
         m, a = state.meta, state.arrays
         try:
-            if m.get("format") != FORMAT:
-                raise ValueError(f"format {m.get('format')!r}, expected {FORMAT!r}")
+            if m.get("format") not in FORMATS_READ:
+                raise ValueError(f"format {m.get('format')!r}, expected one of {FORMATS_READ}")
             labels = [str(s) for s in m["labels"]]
             protos, counts = a["prototypes"], a["counts"]
             if len(labels) != len(protos) or len(labels) != len(counts):
@@ -429,15 +604,33 @@ class PrototypeClassifier:
                                  f"{len(counts)} counts")
             if m["metric"] not in METRICS or m["transform"] not in TRANSFORMS:
                 raise ValueError(f"metric {m['metric']!r} / transform {m['transform']!r}")
+            # Format 1 has neither: the distance rule and unknown spreads (NaN: the prior).
+            rejection = m.get("rejection", "distance")
+            scatter = a.get("scatter", np.full(len(labels), np.nan))
+            if rejection not in REJECTIONS or len(scatter) != len(labels):
+                raise ValueError(f"rejection {rejection!r}, {len(scatter)} spreads")
+            norm = None
+            if "norm" in m:
+                n = m["norm"]
+                norm = Normalizer(a["norm_mean"], a["norm_whiten"], float(n["prior_var"]),
+                                  float(n["prior_shots"]), float(n["shrinkage"]))
+                dim = len(norm.mean)
+                if norm.whiten.shape != (dim, dim) or (protos.size and protos.shape[1] != dim):
+                    raise ValueError(f"normaliser of shape {norm.whiten.shape} for prototypes "
+                                     f"of shape {protos.shape}")
+            elif rejection == "normalized":
+                raise ValueError("rejection 'normalized' without its normaliser")
             self.metric, self.transform = m["metric"], m["transform"]
             self.scale = float(m["scale"])
             self.threshold = None if m["threshold"] is None else float(m["threshold"])
+            self.rejection, self.normalizer = rejection, norm
             self.calibration = dict(m.get("calibration") or {})
             self.center = a.get("center")
         except (KeyError, ValueError, TypeError) as exc:
             raise StateCorruptError(f"{self.path}: not a valid few-shot classifier state "
                                     f"({exc}); refusing to start empty over it") from None
         self._labels, self._protos, self._counts = labels, protos, counts
+        self._scatter = np.asarray(scatter, np.float64)
         self._generation = state.generation
 
     def _index(self, label: str) -> int:

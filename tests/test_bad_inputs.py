@@ -258,6 +258,8 @@ CLI: list[tuple[str, str, list[str]]] = [
     ("fewshot-eval-zero-shot", "fewshot eval {ckpt} --shots 0,5", ["shots=[0, 5]"]),
     ("fewshot-package-zero-shots", "fewshot package {ckpt} {w}/p1 --shots 0", ["--shots", "0"]),
     ("fewshot-package-frr", "fewshot package {ckpt} {w}/p2 --target-frr 2", ["--target-frr"]),
+    ("fewshot-package-rejection", "fewshot package {ckpt} {w}/p3 --rejection magic",
+     ["--rejection", "normalized, distance", "magic"]),
     ("fewshot-package-out-under-file", "fewshot package {ckpt} {afile}/pkg", ["afile"]),
     # continual simulator options
     ("sim-batch-zero", "continual simulate --backbone {emb} --batch-size 0", ["batch_size", "0"]),

@@ -150,6 +150,7 @@ def test_enroll_predict_list_remove_and_restart(make_client, photos, tmp_path):
         r = client.post("/v1/fewshot/predict", content=sup.png(img),
                         headers={"Content-Type": "image/png"}).json()
         assert r["head"] == "fewshot" and r["nearest"] in ("Sneaker 👟", "bag")
+        assert "novelty" in r  # null without a calibrated normaliser
         right += r["label"] == truth
     assert right / len(queries) > 0.8, right  # two classes: chance is 0.5
 

@@ -89,6 +89,8 @@ class Prediction(BaseModel):
     known: bool | None = None
     distance: float | None = None
     score: float | None = None
+    novelty: float | None = Field(None, description="Few-shot: normalised open-set score of "
+                                  "'nearest' (about 1 for a typical sample of that class).")
     threshold: float | None = None
     model_version: str
     latency_ms: dict[str, float] = Field(description="decode, inference and total (server "

@@ -295,7 +295,8 @@ class Service:
         if p is None:
             raise ServeError("no class is enrolled yet: enroll one first", 409, "no_classes")
         out = {"label": p.label, "known": p.known, "nearest": p.nearest,
-               "distance": p.distance, "score": p.score, "threshold": clf.threshold,
+               "distance": p.distance, "score": p.score, "novelty": p.novelty,
+               "threshold": clf.threshold,
                "inference_ms": ms, "model_version": rt.package.version, "head": "fewshot"}
         self.emit("prediction", {k: out[k] for k in ("label", "nearest", "score", "head",
                                                      "model_version", "inference_ms")})

@@ -86,6 +86,9 @@ def evaluate(
     queries: Annotated[int, typer.Option(help="Queries per class.")] = 15,
     episodes: Annotated[int, typer.Option(help="Episodes per K.")] = 600,
     seed: Annotated[int, typer.Option(help="Episode seed.")] = 0,
+    split: Annotated[str, typer.Option(
+        help="Novel-class images to draw episodes from: test, or train (validation episodes "
+             "for choosing a recipe without touching the test images).")] = "test",
     transform: Annotated[str, typer.Option(
         help="Embedding transform: auto, none, l2, cl2n (SimpleShot).")] = "auto",
     data_dir: DataDirOpt = None,
@@ -97,7 +100,7 @@ def evaluate(
     shot_list = _ints(shots) or [1, 5]
     report = fewshot_evaluate(checkpoint, package=package, dataset=dataset, novel=_ints(novel),
                               ways=ways, shots=shot_list, queries=queries, episodes=episodes,
-                              seed=seed, transform=transform, data_dir=data_dir)
+                              seed=seed, transform=transform, data_dir=data_dir, split=split)
     if as_json:
         print(json.dumps(report, indent=2))
         return
@@ -112,10 +115,17 @@ def evaluate(
                       str(r["episodes"]), f"{100 * r['acc']:.2f} ± {100 * r['ci95']:.2f}%",
                       "" if agree is None else f"{100 * agree:.2f}%")
     console.print(t)
-    for where, r in report.get("open_set", {}).items():
-        console.print(f"open set ({where} classes, threshold {r['threshold']:.4g}): false accept "
-                      f"{100 * r['false_accept_rate']:.1f}%, false reject "
-                      f"{100 * r['false_reject_rate']:.1f}%")
+    for rule, r in report.get("open_set", {}).items():
+        best = r["novel_by_shots"][r["calibration_shots"]]["best"]
+        console.print(
+            f"open set, {rule} rule (threshold {r['base']['threshold']:.4g} for "
+            f"{100 * r['target_frr']:.0f}% false rejects on base classes): false accept / "
+            f"reject {100 * r['base']['false_accept_rate']:.1f}% / "
+            f"{100 * r['base']['false_reject_rate']:.1f}% on base, "
+            f"{100 * r['novel']['false_accept_rate']:.1f}% / "
+            f"{100 * r['novel']['false_reject_rate']:.1f}% on novel classes; best on novel: "
+            f"{100 * best['far_at_frr']:.1f}% false accepts at 10% false rejects",
+            highlight=False)
 
 
 @app.command()
@@ -127,16 +137,21 @@ def package(
     target_frr: Annotated[float, typer.Option(
         help="False-reject rate on base classes the threshold is set for.")] = 0.05,
     transform: Annotated[str, typer.Option(help="auto, none, l2, cl2n.")] = "auto",
+    rejection: Annotated[str, typer.Option(
+        help="Open-set rule: normalized (per-class radius from the shots' spread, whitened) "
+             "or distance (one global distance threshold, the rule before format 2).")
+    ] = "normalized",
     data_dir: DataDirOpt = None,
 ) -> None:
     """Export the embedding model and calibrate an empty classifier (open-set threshold)."""
     from edgekt.fewshot.package import build_package
 
     clf, rates = build_package(checkpoint, out, force=force, shots=shots, target_frr=target_frr,
-                               transform=transform, data_dir=data_dir,
+                               transform=transform, data_dir=data_dir, rejection=rejection,
                                log=lambda m: console.print(m, highlight=False))
     console.print(f"[green]package[/] {out}: metric {clf.metric}, transform {clf.transform}, "
-                  f"threshold {rates.threshold:.4g} (base classes: false accept "
+                  f"{clf.rejection} rejection, threshold {rates.threshold:.4g} (base classes: "
+                  f"false accept "
                   f"{100 * rates.false_accept_rate:.1f}%, false reject "
                   f"{100 * rates.false_reject_rate:.1f}%); state {clf.path}")
 
@@ -189,16 +204,19 @@ def predict(package_path: PackageArg, images: ImagesArg, state: StateOpt = None,
     clf, channels = _open(package_path, state, threads, recover)
     preds = clf.predict_batch(_load_images(images, channels))
     rows = [{"image": str(p), "label": r.label, "nearest": r.nearest, "distance": r.distance,
-             "score": r.score} for p, r in zip(images, preds, strict=True)]
+             "score": r.score, "novelty": r.novelty}
+            for p, r in zip(images, preds, strict=True)]
     if as_json:
         print(json.dumps(rows, indent=2))
         return
-    t = Table(title=f"threshold {clf.threshold if clf.threshold is not None else 'none'}")
-    for col in ("image", "label", "nearest", "distance", "score"):
+    t = Table(title=f"{clf.rejection} rejection, threshold "
+                    f"{clf.threshold if clf.threshold is not None else 'none'}")
+    for col in ("image", "label", "nearest", "distance", "score", "novelty"):
         t.add_column(col)
     for r in rows:
         t.add_row(r["image"], r["label"] if r["label"] is not None else "[yellow]unknown[/]",
-                  r["nearest"], f"{r['distance']:.4g}", f"{r['score']:.3f}")
+                  r["nearest"], f"{r['distance']:.4g}", f"{r['score']:.3f}",
+                  "" if r["novelty"] is None else f"{r['novelty']:.3g}")
     console.print(t)
 
 
@@ -220,8 +238,10 @@ def list_labels(package_path: PackageArg, state: StateOpt = None, recover: Recov
     rows = {label: clf.shots(label) for label in clf.labels()}
     if as_json:
         print(json.dumps({"labels": rows, "threshold": clf.threshold,
-                          "metric": clf.metric, "transform": clf.transform}, indent=2))
+                          "rejection": clf.rejection, "metric": clf.metric,
+                          "transform": clf.transform}, indent=2))
         return
     for label, n in rows.items():
         console.print(f"{label}\t{n} shot(s)", highlight=False)
-    console.print(f"{len(rows)} class(es); threshold {clf.threshold}", highlight=False)
+    console.print(f"{len(rows)} class(es); {clf.rejection} rejection, threshold "
+                  f"{clf.threshold}", highlight=False)

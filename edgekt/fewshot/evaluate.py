@@ -24,11 +24,12 @@ import torch
 from edgekt.config import Config, DataConfig, validate
 from edgekt.data import DatasetInfo, TensorSplit, build_splits
 from edgekt.devices.fewshot import (
+    REJECTIONS,
     Embedder,
-    OpenSetRates,
     calibrate,
     class_means,
     distances,
+    fit_normalizer,
     open_set_trials,
     rates_at,
     transform_embeddings,
@@ -228,19 +229,54 @@ class FewShotSetup:
         return embed_in_chunks(embedder, raw).mean(0)
 
 
-def open_set_report(setup: FewShotSetup, base_emb: np.ndarray, base_y: np.ndarray,
-                    novel_emb: np.ndarray, novel_y: np.ndarray, *, shots: int = 5,
-                    target_frr: float = 0.05, trials: int = 50, seed: int = 0
-                    ) -> dict[str, OpenSetRates]:
-    """Threshold calibrated on base classes, then its rates on base and on novel classes.
+def operating_points(known: np.ndarray, unknown: np.ndarray, rate: float = 0.10
+                     ) -> dict[str, float]:
+    """The best a threshold on these scores can do: the false-accept rate at ``rate`` false
+    rejects and the false-reject rate at ``rate`` false accepts. The thresholds are set with
+    the labels of these very samples, so these bound, not predict, a calibrated threshold."""
+    t_frr = float(np.quantile(known, 1.0 - rate))
+    t_far = float(np.quantile(unknown, rate))
+    return {"rate": rate, "far_at_frr": float((unknown <= t_frr).mean()),
+            "frr_at_far": float((known > t_far).mean())}
 
-    Embeddings must already be transformed.
+
+def open_set_report(metric: str, base_emb: np.ndarray, base_y: np.ndarray,
+                    novel_emb: np.ndarray, novel_y: np.ndarray, *, shots: int = 5,
+                    eval_shots: Sequence[int] = (5,), target_frr: float = 0.05,
+                    trials: int = 50, seed: int = 0, rules: Sequence[str] = REJECTIONS,
+                    outsiders: np.ndarray | None = None) -> dict[str, dict[str, Any]]:
+    """Per rejection rule: calibrate on base classes (normaliser fitted and ``shots``-shot
+    enrollment simulated there, as ``edgekt fewshot package`` does), then measure the rates
+    on base and on novel classes enrolled with each of ``eval_shots`` shots, and the novel
+    classes' best operating points (``operating_points``). With ``outsiders`` (e.g. held-out
+    base-class images) also the rates when novel classes are enrolled and the unknowns are
+    those outsiders.
+
+    Embeddings must already be transformed. Returns ``{rule: {"base": rates, "novel":
+    rates at shots, "novel_by_shots": {k: {"rates", "best"[, "outsiders", "outsiders_best"]}}}}``.
     """
-    base = calibrate(base_emb, base_y, shots=shots, metric=setup.metric, target_frr=target_frr,
-                     trials=trials, seed=seed)
-    known, unknown = open_set_trials(novel_emb, novel_y, shots=shots, metric=setup.metric,
-                                     trials=trials, seed=seed)
-    return {"base": base, "novel": rates_at(base.threshold, known, unknown)}
+    norm = fit_normalizer(base_emb, base_y) if "normalized" in rules else None
+    out: dict[str, dict[str, Any]] = {}
+    for rule in rules:
+        n = norm if rule == "normalized" else None
+        base = calibrate(base_emb, base_y, shots=shots, metric=metric, target_frr=target_frr,
+                         trials=trials, seed=seed, normalizer=n)
+        by_shots = {}
+        for k in dict.fromkeys([shots, *eval_shots]):
+            known, unknown = open_set_trials(novel_emb, novel_y, shots=k, metric=metric,
+                                             trials=trials, seed=seed, normalizer=n)
+            by_shots[k] = {"rates": rates_at(base.threshold, known, unknown).as_dict(),
+                           "best": operating_points(known, unknown)}
+            if outsiders is not None:
+                known, unknown = open_set_trials(novel_emb, novel_y, shots=k, metric=metric,
+                                                 trials=trials, seed=seed, normalizer=n,
+                                                 outsiders=outsiders)
+                by_shots[k]["outsiders"] = rates_at(base.threshold, known, unknown).as_dict()
+                by_shots[k]["outsiders_best"] = operating_points(known, unknown)
+        out[rule] = {"base": base.as_dict(), "novel": by_shots[shots]["rates"],
+                     "novel_by_shots": by_shots, "calibration_shots": shots,
+                     "target_frr": target_frr}
+    return out
 
 
 def evaluate_setup(setup: FewShotSetup, embedders: dict[str, Embedder], novel: TensorSplit, *,
@@ -265,10 +301,12 @@ def fewshot_evaluate(checkpoint: str | Path, *, package: str | Path | None = Non
                      ways: int | None = None, shots: Sequence[int] = (1, 5), queries: int = 15,
                      episodes: int = 600, seed: int = 0, transform: str = "auto",
                      split: str = "test", data_dir: str | None = None, open_set: bool = True,
-                     threads: int | None = None) -> dict[str, Any]:
+                     threads: int | None = None, open_set_shots: Sequence[int] = (5,),
+                     outsider_images: int = 2000) -> dict[str, Any]:
     """The whole protocol on a checkpoint (and, with ``package``, on its exported embedding
     model through ``edgekt.devices``): accuracy ± 95% CI per shot, host/device agreement,
-    and open-set false-accept/false-reject rates of a base-calibrated threshold."""
+    and open-set false-accept/false-reject rates of a base-calibrated threshold, for the
+    normalised rule and the old global-distance one (``open_set_report``)."""
     from edgekt.checkpoint import load_checkpoint
 
     bad = {"ways": ways is not None and ways < 2, "queries": queries < 1, "episodes": episodes < 1,
@@ -308,9 +346,15 @@ def fewshot_evaluate(checkpoint: str | Path, *, package: str | Path | None = Non
         torch_emb = embedders["torch"]
         tf = setup.transform
         base_emb = transform_embeddings(embed_in_chunks(torch_emb, raw_images(calib)), tf, center)
+        outsiders = None
+        if dataset in (None, setup.config.data.name) and len(base.val):
+            # Base-class test images as unknowns for enrolled novel classes (the realistic
+            # mix: an app meets objects like those the embedding was trained on, too).
+            outsiders = transform_embeddings(embed_in_chunks(
+                torch_emb, raw_images(base.test)[:outsider_images]), tf, center)
         nov_emb = transform_embeddings(embed_in_chunks(torch_emb, raw_images(novel_split)), tf,
                                        center)
-        rates = open_set_report(setup, base_emb, calib.targets.numpy(), nov_emb,
-                                novel_split.targets.numpy(), seed=seed)
-        report["open_set"] = {k: v.as_dict() for k, v in rates.items()}
+        report["open_set"] = open_set_report(setup.metric, base_emb, calib.targets.numpy(),
+                                             nov_emb, novel_split.targets.numpy(), seed=seed,
+                                             eval_shots=open_set_shots, outsiders=outsiders)
     return report
