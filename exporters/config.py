@@ -38,7 +38,7 @@ class ExportConfig(Strict):
     """Largest allowed INT8 validation accuracy drop, in points: keeps sensitive layers in
     float, or fails (None: no accuracy control)."""
     max_float_fraction: float = Field(0.5, ge=0.0, le=1.0)
-    """Accuracy control keeps at most this fraction of the quantizable nodes in float."""
+    """INT8 accuracy control keeps at most this fraction of the quantizable layers in float."""
     threads: int | None = Field(None, ge=1)
     """Runtime intra-op threads during calibration and parity (None: the runtime's choice)."""
     val_samples: int = Field(1000, ge=0)

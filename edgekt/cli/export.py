@@ -44,6 +44,7 @@ def export(
     calib_samples: Annotated[int | None, _opt("calib_samples")] = None,
     calib_method: Annotated[str | None, _opt("calib_method")] = None,
     max_drop: Annotated[float | None, _opt("max_drop")] = None,
+    max_float_fraction: Annotated[float | None, _opt("max_float_fraction")] = None,
     min_agreement: Annotated[float | None, _opt("min_agreement")] = None,
     min_agreement_int8: Annotated[float | None, _opt("min_agreement_int8")] = None,
     allow_mismatch: Annotated[bool | None, _opt("allow_mismatch",
@@ -66,6 +67,7 @@ def export(
         "targets": _csv(to), "precisions": _csv(precision), "part": part,
         "calib_samples": calib_samples,
         "calib_method": calib_method.lower() if calib_method else None, "max_drop": max_drop,
+        "max_float_fraction": max_float_fraction,
         "min_agreement": min_agreement, "min_agreement_int8": min_agreement_int8,
         "allow_mismatch": allow_mismatch, "dynamic_batch": dynamic_batch, "opset": opset,
         "val_samples": val_samples, "test_samples": test_samples, "threads": threads}
