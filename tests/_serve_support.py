@@ -6,10 +6,16 @@ epoch on real Fashion-MNIST, exported with its classifier and embedding parts).
 
 from __future__ import annotations
 
+import http.client
 import io
 import json
+import os
+import re
 import shutil
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -131,3 +137,56 @@ class ThreadServer:
         self.server.should_exit = True
         self.thread.join(10)
         self.sock.close()
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Server:
+    """``python -m edgekt.cli.app serve ...`` with --port 0; the printed URL tells the port.
+    ``python``/``cwd``: another environment's interpreter (a fresh device venv) run away from
+    the checkout, whose edgekt/ directory would shadow the installed package."""
+
+    def __init__(self, package: Path, state: Path, log: Path, *extra: str,
+                 env: dict[str, str] | None = None, python: str = sys.executable,
+                 cwd: Path = ROOT) -> None:
+        self.log = log
+        self.proc = subprocess.Popen(
+            [python, "-m", "edgekt.cli.app", "serve", str(package), "--port", "0",
+             "--state-dir", str(state), "--threads", "1", "--log-level", "warning", *extra],
+            stdout=subprocess.PIPE, stderr=open(log, "w"), text=True, cwd=cwd,
+            env={**os.environ, **(env or {})})
+        line = self.proc.stdout.readline()
+        m = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
+        assert m, (line, log.read_text())
+        self.port = int(m.group(1))
+        self.banner = line
+        deadline = time.monotonic() + 30
+        while True:  # bound before the banner; listening once uvicorn has started
+            try:
+                if self.request("GET", "/healthz")[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline and self.proc.poll() is None, log.read_text()
+            time.sleep(0.05)
+
+    def request(self, method: str, path: str, body: bytes | None = None,
+                headers: dict[str, str] | None = None) -> tuple[int, dict | str]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        try:
+            conn.request(method, path, body=body, headers=headers or {})
+            resp = conn.getresponse()
+            data = resp.read().decode()
+            ctype = resp.getheader("content-type", "")
+            return resp.status, json.loads(data) if "json" in ctype else data
+        finally:
+            conn.close()
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(20)
+        finally:
+            self.proc.stdout.close()

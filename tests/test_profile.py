@@ -206,13 +206,14 @@ def test_device_runtime_never_imports_torch(device_models, litert_models):
 @pytest.mark.slow
 def test_device_extra_installs_and_runs_in_a_fresh_venv_without_torch(device_models,
                                                                       litert_models, tmp_path):
-    """``pip install edgekt[device,litert]`` into a fresh venv, then run an ONNX and a LiteRT
-    model there and prove torch (and litert-torch's jax) is absent."""
+    """``pip install edgekt[device,litert,serve]`` into a fresh venv, then run an ONNX and a
+    LiteRT model there, prove torch (and litert-torch's jax) is absent, and serve the package
+    with ``edgekt serve`` from that venv: predict, enroll, few-shot predict, metrics."""
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     py = str(venv / "bin" / "python")
     proc = subprocess.run([py, "-m", "pip", "install", "-q", "--disable-pip-version-check",
-                           f"{REPO}[device,litert]"], timeout=900, capture_output=True,
+                           f"{REPO}[device,litert,serve]"], timeout=900, capture_output=True,
                           text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     code = ("import importlib.util, numpy as np\n"
@@ -228,3 +229,22 @@ def test_device_extra_installs_and_runs_in_a_fresh_venv_without_torch(device_mod
     assert proc.returncode == 0, proc.stderr
     want = [device_models.labels[i] for i in device_models.logits[:3].argmax(1)]
     assert proc.stdout.split("\n")[:2] == [str(want), str(want)]
+    import _serve_support as sup
+
+    images = np.load(device_models.root / "reference.npz")["images"]
+    server = sup.Server(device_models.package, tmp_path / "state", tmp_path / "serve.log",
+                        python=py, cwd=tmp_path)
+    try:
+        status, pred = server.request("POST", "/v1/predict", sup.png(images[0]),
+                                      {"Content-Type": "image/png"})
+        assert status == 200 and pred["label"] == want[0], pred
+        for shot in images[:3]:
+            status, r = server.request("POST", "/v1/fewshot/enroll?label=mine", sup.png(shot),
+                                       {"Content-Type": "image/png"})
+            assert status == 200, r
+        status, r = server.request("POST", "/v1/fewshot/predict", sup.png(images[0]),
+                                   {"Content-Type": "image/png"})
+        assert status == 200 and r["nearest"] == "mine", r
+        assert "edgekt_serve_enrolled_classes 1.0" in server.request("GET", "/metrics")[1]
+    finally:
+        server.stop()

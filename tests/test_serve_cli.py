@@ -3,74 +3,19 @@
 
 from __future__ import annotations
 
-import http.client
-import json
-import os
-import re
 import signal
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import _serve_support as sup
-from _serve_support import BAG, SNEAKER
+from _serve_support import BAG, SNEAKER, Server
 from typer.testing import CliRunner
 
 from edgekt.cli.app import app
 
 device_models, photos = sup.device_models, sup.photos  # session fixtures
 
-ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "cli-test-token-0123456789abcdef"
-
-
-class Server:
-    """``python -m edgekt.cli.app serve ...`` with --port 0; the printed URL tells the port."""
-
-    def __init__(self, package: Path, state: Path, log: Path, *extra: str,
-                 env: dict[str, str] | None = None) -> None:
-        self.log = log
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "edgekt.cli.app", "serve", str(package), "--port", "0",
-             "--state-dir", str(state), "--threads", "1", "--log-level", "warning", *extra],
-            stdout=subprocess.PIPE, stderr=open(log, "w"), text=True, cwd=ROOT,
-            env={**os.environ, **(env or {})})
-        line = self.proc.stdout.readline()
-        m = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
-        assert m, (line, log.read_text())
-        self.port = int(m.group(1))
-        self.banner = line
-        deadline = time.monotonic() + 30
-        while True:  # bound before the banner; listening once uvicorn has started
-            try:
-                if self.request("GET", "/healthz")[0] == 200:
-                    break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline and self.proc.poll() is None, log.read_text()
-            time.sleep(0.05)
-
-    def request(self, method: str, path: str, body: bytes | None = None,
-                headers: dict[str, str] | None = None) -> tuple[int, dict | str]:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
-        try:
-            conn.request(method, path, body=body, headers=headers or {})
-            resp = conn.getresponse()
-            data = resp.read().decode()
-            ctype = resp.getheader("content-type", "")
-            return resp.status, json.loads(data) if "json" in ctype else data
-        finally:
-            conn.close()
-
-    def stop(self, sig: int = signal.SIGTERM) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        try:
-            return self.proc.wait(20)
-        finally:
-            self.proc.stdout.close()
 
 
 def _png_headers(extra=None):
