@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from edgekt.config import option_error
+from edgekt.config import merge_options
 from edgekt.devices.fingerprint import host_fingerprint
 from edgekt.devices.model import EdgeModel
 from edgekt.errors import EdgektError
@@ -59,14 +59,11 @@ class ProfileConfig(BaseModel):
 PROFILE_FLAGS = {"e2e": "--e2e/--no-e2e"}
 
 
-def profile_config(base: ProfileConfig | dict[str, Any] | None = None, source: str = "profile",
-                   **changes: Any) -> ProfileConfig:
-    """``base`` with ``changes`` applied; a bad value is an ``EdgektError`` naming its flag."""
-    raw = base.model_dump() if isinstance(base, ProfileConfig) else dict(base or {})
-    try:
-        return ProfileConfig.model_validate({**raw, **changes})
-    except ValidationError as exc:
-        raise option_error(ProfileConfig, exc, source, PROFILE_FLAGS) from None
+def profile_config(base: ProfileConfig | str | Path | dict[str, Any] | None = None,
+                   source: str = "profile", **changes: Any) -> ProfileConfig:
+    """``base`` (settings, a YAML file of them, a mapping, or the defaults) with ``changes``
+    applied; a bad value is an ``EdgektError`` naming its flag."""
+    return merge_options(ProfileConfig, base, changes, source, PROFILE_FLAGS)
 
 
 def time_loop(fn: Callable[[], object], *, warmup: int, iters: int | None, seconds: float,

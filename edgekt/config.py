@@ -235,6 +235,23 @@ def option_error(model: type[BaseModel], exc: ValidationError, source: str,
     return EdgektError("\n".join(lines))
 
 
+def merge_options(model: type[Strict] | type[BaseModel], base: Any, changes: dict[str, Any],
+                  source: str, flags: dict[str, str] | None = None) -> Any:
+    """``base`` (an instance of ``model``, a YAML file of its fields, a mapping, or None for the
+    defaults) with ``changes`` applied and validated; a bad value is an ``EdgektError`` naming
+    the flag (:func:`option_error`) and the file it came from."""
+    if isinstance(base, model):
+        raw = base.model_dump()
+    elif isinstance(base, str | Path):
+        source, raw = str(base), read_yaml_mapping(base, f"{model.__name__} file")
+    else:
+        raw = dict(base or {})
+    try:
+        return model.model_validate({**raw, **changes})
+    except ValidationError as exc:
+        raise option_error(model, exc, source, flags) from None
+
+
 def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     for part in loc:
         if isinstance(part, int):  # an index into a list of sections

@@ -6,9 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import ConfigDict, Field, ValidationError
+from pydantic import ConfigDict, Field
 
-from edgekt.config import Strict, option_error, read_yaml_mapping
+from edgekt.config import Strict, merge_options
 from edgekt.errors import EdgektError
 
 
@@ -59,18 +59,8 @@ FLAGS = {"targets": "--to", "precisions": "--precision"}
 def export_config(base: ExportConfig | str | Path | None = None, **changes: Any) -> ExportConfig:
     """``base`` (a config, a YAML file of one, or the defaults) with ``changes`` applied; an
     invalid or unknown option is an ``EdgektError`` naming its flag, its key and the value."""
-    source = "export options"
-    raw: dict[str, Any] = {}
-    if isinstance(base, ExportConfig):
-        raw = base.model_dump()
-    elif base is not None:
-        source = str(base)
-        raw = read_yaml_mapping(Path(base), "export config")
     unknown = sorted(set(changes) - set(ExportConfig.model_fields))
     if unknown:
         raise EdgektError(f"unknown export option(s) {unknown} "
                           f"(valid: {', '.join(ExportConfig.model_fields)})")
-    try:
-        return ExportConfig.model_validate({**raw, **changes})
-    except ValidationError as exc:
-        raise option_error(ExportConfig, exc, source, FLAGS) from None
+    return merge_options(ExportConfig, base, changes, "export options", FLAGS)

@@ -1,5 +1,6 @@
 import pytest
 import torch
+from _model_support import assert_embedding_head_split
 
 from edgekt.errors import EdgektError
 from edgekt.models import MODELS, Embedding, count_params, create_model, load_weights
@@ -11,11 +12,8 @@ SMALL = ["cnn_xs", "cnn_s", "cnn_m", "cnn_l", "cnn_xl", "resnet18", "mobilenet_v
 @pytest.mark.parametrize("name", SMALL)
 def test_every_model_splits_embedding_and_head(name):
     m = create_model(name, num_classes=7, in_channels=1, image_size=28).eval()
-    x = torch.randn(2, 1, 28, 28)
+    x, emb = assert_embedding_head_split(m)
     with torch.no_grad():
-        emb = m.forward_features(x)
-        assert emb.shape == (2, m.embedding_dim)
-        assert torch.allclose(m(x), m.head(emb), atol=1e-5)
         assert torch.allclose(Embedding(m)(x), emb)
     assert m.head.out_features == 7 and len(m.stages()) >= 1
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _model_support import assert_embedding_head_split
 
 from edgekt.models import create_model, load_weights
 
@@ -16,11 +17,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "edgekt" / "configs"
 @pytest.mark.parametrize("name", ["vgg11_bn", "densenet121"])
 def test_classic_splits_embedding_and_head(name):
     m = create_model(name, num_classes=7, in_channels=1, image_size=28).eval()
-    x = torch.randn(2, 1, 28, 28)
-    with torch.no_grad():
-        emb = m.forward_features(x)
-        assert emb.shape == (2, m.embedding_dim)
-        assert torch.allclose(m(x), m.head(emb), atol=1e-5)
+    assert_embedding_head_split(m)
     assert m.head.out_features == 7
 
 

@@ -7,25 +7,19 @@ section), then the field's default. Defaults live in that one class.
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from edgekt.cli.options import DataDirOpt, make_console
+from edgekt.cli.options import DataDirOpt, field_option, make_console
 from edgekt.exporters.config import ExportConfig
 
 console = make_console()
 
 
-def _opt(field: str, *decls: str) -> Any:
-    """A flag whose help and default come from the ``ExportConfig`` field."""
-    info = ExportConfig.model_fields[field]
-    default = info.get_default(call_default_factory=True)
-    if isinstance(default, list):
-        default = ",".join(default)
-    return typer.Option(*decls, help=f"{info.description} \\[default: {default}]",
-                        show_default=False)
+_opt = partial(field_option, ExportConfig)
 
 
 def _csv(value: str | None) -> list[str] | None:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+from pydantic import BaseModel
 from rich.console import Console
 
 ConfigArg = Annotated[Path, typer.Argument(help="YAML config file.", show_default=False)]
@@ -28,6 +29,18 @@ RunDirOpt = Annotated[str | None, typer.Option("--run-dir", help="Run directory 
 CheckpointEveryOpt = Annotated[
     int, typer.Option(help="Also checkpoint every N optimiser steps (0: per epoch).")
 ]
+
+
+def field_option(model: type[BaseModel], field: str, *decls: str) -> Any:
+    """A ``typer.Option`` whose help and default come from a field of an options model (the
+    field's docstring; a list default is shown comma-separated). The flag itself defaults to
+    None, so an option left out keeps the value of the config it overrides."""
+    info = model.model_fields[field]
+    default = info.get_default(call_default_factory=True)
+    if isinstance(default, list):
+        default = ",".join(default)
+    return typer.Option(*decls, help=f"{info.description} \\[default: {default}]",
+                        show_default=False)
 
 
 def cli_overrides(

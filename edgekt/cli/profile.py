@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -11,7 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from edgekt.cli.options import make_console
+from edgekt.cli.options import field_option, make_console
 from edgekt.devices.profiler import ProfileConfig
 from edgekt.errors import EdgektError
 
@@ -21,11 +22,7 @@ devices_app = typer.Typer(help="Device files (devices/*.yaml): list them, probe 
                           no_args_is_help=True)
 
 
-def _opt(field: str, *decls: str) -> Any:
-    """A flag whose help and default come from the ``ProfileConfig`` field."""
-    info = ProfileConfig.model_fields[field]
-    return typer.Option(*decls, help=f"{info.description} \\[default: {info.default}]",
-                        show_default=False)
+_opt = partial(field_option, ProfileConfig)
 
 
 def profile(
@@ -61,7 +58,6 @@ def profile(
     save: Annotated[bool, typer.Option(help="Append the results to the store.")] = True,
 ) -> None:
     """Profile models x backends on a device: load, first call, steady-state latency, memory."""
-    from edgekt.config import read_yaml_mapping
     from edgekt.devices import store as results
     from edgekt.devices.campaign import run_profiles
     from edgekt.devices.config import load_device
@@ -90,8 +86,7 @@ def profile(
     backends = [b for b in (backend.split(",") if backend else cfg.backend) if b.strip()]
     given = {"warmup": warmup, "iters": iters, "seconds": seconds, "batch": batch,
              "threads": threads, "e2e": e2e}
-    base = read_yaml_mapping(config, "profile settings") if config else {}
-    settings = profile_config(base, str(config or "edgekt profile"),
+    settings = profile_config(config, "edgekt profile",
                               **{k: v for k, v in given.items() if v is not None})
     # The device file fills what neither --config nor a flag set; CDF samples only when kept.
     settings = settings.model_copy(update={
