@@ -60,6 +60,8 @@ class ReplayBuffer:
         self.seen = np.zeros(max_classes, np.int64)
         self.counts = np.zeros(max_classes, np.int32)
         self.size = 0
+        self.last_written = np.zeros(0, np.int64)
+        """Slots the last ``add`` wrote (so callers can drop what they derived from them)."""
         self.rng = np.random.default_rng(seed)
         if cap and self.nbytes > self.budget:  # the arithmetic above guarantees this
             raise AssertionError("replay buffer sized past its budget")
@@ -105,6 +107,7 @@ class ReplayBuffer:
             raise EdgektError(f"ReplayBuffer: class index {int(np.max(y))} >= max_classes "
                               f"{len(self.seen)}; create the learner with a larger max_classes")
         stored = 0
+        written = []
         for zi, c in zip(z, y.tolist(), strict=True):
             self.seen[c] += 1
             if self.size < self.capacity:
@@ -124,6 +127,8 @@ class ReplayBuffer:
             self.counts[c] += 1
             self.holdout[slot] = self.rng.random() < self.holdout_fraction
             stored += 1
+            written.append(slot)
+        self.last_written = np.array(written, np.int64)
         return stored
 
     def sample(self, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -136,8 +141,12 @@ class ReplayBuffer:
 
     def holdout_set(self) -> tuple[np.ndarray, np.ndarray]:
         """All holdout samples (latents, class indices)."""
+        return self.holdout_slots()[1:]
+
+    def holdout_slots(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """All holdout samples: (slots, latents, class indices)."""
         idx = np.flatnonzero(self.holdout[: self.size])
-        return self._decode(idx), self.labels[idx].astype(np.int64)
+        return idx, self._decode(idx), self.labels[idx].astype(np.int64)
 
     def restart_reservoir(self) -> None:
         """After a drift: count each class as newly filled, so new samples replace old ones fast."""
