@@ -1,11 +1,12 @@
 """Kill trials: SIGKILL a learning process at random moments and check its state survives.
 
-A child process (``python -m edgekt.continual.crash STATE SEED``) resumes the learner from
+A child process (``python -m edgekt.continual.crash STATE SEED HEAD``) resumes the learner from
 ``STATE``, reports the generation it loaded, then observes batches forever, committing the
 state after every batch and reporting each committed generation. The parent kills it at a
 random moment (often in the middle of a save) and starts the next child. Checked per trial:
 the state loads, its generation is never below the last one reported committed, and its
-content matches its generation (``counters['batches'] == generation``: no torn state).
+content matches its generation (``counters['batches'] == generation``: no torn state), and
+head, label table and buffer agree with each other.
 """
 
 from __future__ import annotations
@@ -35,13 +36,15 @@ class _Projection:
         return np.asarray(raw, np.float32).reshape(len(raw), -1) @ self.weight
 
 
-def child(state_path: str, seed: int) -> None:
+def child(state_path: str, seed: int, head: str = "softmax") -> None:
     from edgekt.devices.continual import ContinualLearner, LearnerConfig
 
-    cfg = LearnerConfig(buffer_bytes=64_000, int8=True, save_every=1, drift="adwin")
+    lr = 0.1 if head == "mlp" else 0.5
+    cfg = LearnerConfig(head=head, lr=lr, hidden=32, standardize_samples=256,
+                        buffer_bytes=64_000, int8=True, save_every=1, drift="adwin")
     learner = ContinualLearner(_Projection(), cfg, state_path=state_path)
     print(f"loaded {learner.generation} {learner.counters['batches']} "
-          f"{int(learner.recovered_from is not None)}", flush=True)
+          f"{int(learner.recovered_from is not None)} {int(_consistent(learner))}", flush=True)
     rng = np.random.default_rng(seed)
     centers = np.random.default_rng(0).normal(size=(CHILD_CLASSES, CHILD_DIM_IN)) * 2
     while True:
@@ -49,6 +52,17 @@ def child(state_path: str, seed: int) -> None:
         x = (centers[y] + rng.normal(size=(16, CHILD_DIM_IN))).astype(np.float32)
         learner.observe(x, [f"class-{c}" for c in y])
         print(f"committed {learner.generation}", flush=True)
+
+
+def _consistent(learner) -> bool:
+    """Head rows, label table and buffered labels agree (no half-written learner state)."""
+    if learner.head is None:
+        return learner.generation == 0
+    buf = learner.buffer
+    stored = buf.labels[: buf.size] if buf is not None else []
+    return (learner.head.num_classes == len(learner.labels)
+            and all(0 <= c < len(learner.labels) for c in stored)
+            and all(np.isfinite(a).all() for a in learner.head.arrays().values()))
 
 
 @dataclass
@@ -61,9 +75,10 @@ class KillReport:
     seconds: float = 0.0
 
 
-def kill_trials(n: int, workdir: str | Path, *, seed: int = 0, max_delay_s: float = 0.15
-                ) -> KillReport:
-    """Run ``n`` start/SIGKILL cycles of the learning child on one state file."""
+def kill_trials(n: int, workdir: str | Path, *, seed: int = 0, max_delay_s: float = 0.15,
+                head: str = "softmax") -> KillReport:
+    """Run ``n`` start/SIGKILL cycles of the learning child (with ``head``) on one state file."""
+    Path(workdir).mkdir(parents=True, exist_ok=True)
     path = Path(workdir) / "continual_state.npz"
     rng = np.random.default_rng(seed)
     report = KillReport(n)
@@ -71,16 +86,18 @@ def kill_trials(n: int, workdir: str | Path, *, seed: int = 0, max_delay_s: floa
     t0 = time.perf_counter()
     for trial in range(n + 1):  # the last start only verifies what the last kill left
         proc = subprocess.Popen([sys.executable, "-m", "edgekt.continual.crash", str(path),
-                                 str(seed * 100_000 + trial)], stdout=subprocess.PIPE,
+                                 str(seed * 100_000 + trial), head], stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
         first = proc.stdout.readline().split()
-        if len(first) != 4 or first[0] != "loaded":
+        if len(first) != 5 or first[0] != "loaded":
             proc.kill()
             err = proc.communicate()[1]
             report.violations.append(f"trial {trial}: child failed to load: {err.strip()[-300:]}")
             break
         gen, batches, recovered = int(first[1]), int(first[2]), int(first[3])
         report.fallbacks += recovered
+        if first[4] != "1":
+            report.violations.append(f"trial {trial}: head, labels and buffer disagree")
         if gen < committed:
             report.violations.append(f"trial {trial}: loaded generation {gen} < committed "
                                      f"{committed}")
@@ -103,4 +120,4 @@ def kill_trials(n: int, workdir: str | Path, *, seed: int = 0, max_delay_s: floa
 
 
 if __name__ == "__main__":
-    child(sys.argv[1], int(sys.argv[2]))
+    child(sys.argv[1], int(sys.argv[2]), *sys.argv[3:4])
