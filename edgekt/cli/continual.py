@@ -26,7 +26,12 @@ def simulate(
     = "naive,replay,ncm,joint",
     buffer_bytes: Annotated[int, typer.Option(help="Replay buffer budget in bytes.")] = 1_000_000,
     int8: Annotated[bool, typer.Option(help="Store replayed latents as int8.")] = True,
-    lr: Annotated[float, typer.Option(help="SGD learning rate of the head.")] = 2.0,
+    head: Annotated[str, typer.Option(help="softmax (linear head on the embedding) or mlp (a "
+                                           "hidden layer above a latent layer: latent "
+                                           "replay).")] = "softmax",
+    hidden: Annotated[int, typer.Option(help="Hidden units of the mlp head.")] = 128,
+    lr: Annotated[float | None, typer.Option(help="SGD learning rate of the head [default: 2.0 "
+                                                  "for softmax, 0.1 for mlp].")] = None,
     batch_size: Annotated[int, typer.Option(help="Samples per observe() call.")] = 32,
     train_per_class: Annotated[int | None, typer.Option(help="Use at most N training images "
                                                              "per class.")] = None,
@@ -40,11 +45,16 @@ def simulate(
     """Accuracy matrix, final average accuracy, forgetting, update latency and memory."""
     from edgekt.continual.simulate import simulate as run
     from edgekt.devices.continual import LearnerConfig
+    from edgekt.errors import EdgektError
     from edgekt.io import atomic_write_text, check_writable
 
     if out is not None:
         check_writable(out, "--out")
-    cfg = LearnerConfig(buffer_bytes=buffer_bytes, int8=int8, lr=lr, seed=seed)
+    if head not in ("softmax", "mlp"):
+        raise EdgektError(f"--head {head!r}: expected softmax or mlp")
+    lr = lr if lr is not None else (0.1 if head == "mlp" else 2.0)
+    cfg = LearnerConfig(head=head, hidden=hidden, buffer_bytes=buffer_bytes, int8=int8, lr=lr,
+                        seed=seed)
     report = run(scenario, backbone, strategies=tuple(s.strip() for s in strategies.split(",")),
                  config=cfg, batch_size=batch_size, train_per_class=train_per_class,
                  test_per_class=test_per_class, data_dir=data_dir, shift=shift, seed=seed)

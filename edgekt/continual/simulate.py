@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -53,9 +53,12 @@ class StrategyResult:
     forgetting: float
     update_ms_median: float
     update_ms_p95: float
+    update_cpu_ms_median: float
+    """CPU time of one update (this thread), unaffected by other processes on the cores."""
     memory_bytes: int
     counters: dict[str, int]
     seconds: float
+    seed: int = 0
 
 
 @dataclass
@@ -156,11 +159,11 @@ def run_strategy(strategy: str, experiences: list[Experience], labels: list[str]
                  config: LearnerConfig, *, batch_size: int = 32, seed: int = 0
                  ) -> StrategyResult:
     """Stream ``experiences`` through a fresh learner; evaluate after each experience."""
-    learner = ContinualLearner(None, strategy_config(strategy, config),
+    learner = ContinualLearner(None, replace(strategy_config(strategy, config), seed=seed),
                                dim=experiences[0].z_train.shape[1])
     rng = np.random.default_rng(seed)
     names = np.array(labels)
-    matrix, times = [], []
+    matrix, times, cpu = [], [], []
     seen_z: list[np.ndarray] = []
     seen_y: list[np.ndarray] = []
     t0 = time.perf_counter()
@@ -176,15 +179,22 @@ def run_strategy(strategy: str, experiences: list[Experience], labels: list[str]
             idx = order[s:s + batch_size]
             res = learner.observe_embeddings(z[idx], names[y[idx]].tolist())
             times.append(res.update_ms)
+            cpu.append(res.update_cpu_ms)
         matrix.append([_accuracy(learner, e, labels) for e in experiences])
-    t = len(experiences)
-    final = float(np.mean(matrix[-1]))
-    forgetting = float(np.mean([max(matrix[i][j] for i in range(j, t - 1)) - matrix[-1][j]
-                                for j in range(t - 1)])) if t > 1 else 0.0
     ms = np.array(times)
-    return StrategyResult(strategy, matrix, final, forgetting, float(np.median(ms)),
-                          float(np.percentile(ms, 95)), learner.memory_bytes,
-                          dict(learner.counters), time.perf_counter() - t0)
+    return StrategyResult(strategy, matrix, float(np.mean(matrix[-1])), forgetting(matrix),
+                          float(np.median(ms)), float(np.percentile(ms, 95)),
+                          float(np.median(cpu)), learner.memory_bytes, dict(learner.counters),
+                          time.perf_counter() - t0, seed)
+
+
+def forgetting(matrix: list[list[float]]) -> float:
+    """Average forgetting: per earlier experience, its best accuracy minus its final one."""
+    t = len(matrix)
+    if t < 2:
+        return 0.0
+    return float(np.mean([max(matrix[i][j] for i in range(j, t - 1)) - matrix[-1][j]
+                          for j in range(t - 1)]))
 
 
 # --------------------------------------------------------------------------- backbone
@@ -196,20 +206,22 @@ def embed_images(model: Any, images: np.ndarray, batch: int = 512) -> np.ndarray
                            for i in range(0, len(images), batch)])
 
 
-def grid_embedding(net: Any, grid: int) -> Any:
-    """The trunk of ``net`` with its last feature map average-pooled to ``grid x grid`` cells.
+def grid_embedding(net: Any, grid: int, stage: int | None = None) -> Any:
+    """The trunk of ``net`` up to ``stage`` (all stages by default), its feature map
+    average-pooled to ``grid x grid`` cells.
 
     ``grid=1`` is the usual global-average-pooled embedding. A finer grid keeps where things
     are in the image, which matters when the backbone was trained on another domain: a linear
     probe on Fashion-MNIST over an MNIST-trained cnn_s gave 72.6% with grid 1 and 81.1% with
-    grid 3 (10k training images, logistic regression).
+    grid 3 (10k training images, logistic regression). An earlier stage keeps more generic
+    features: the latent layer of latent replay (cnn_s stage 2 at grid 5: 32 x 25 = 800 values).
     """
     import torch
 
     class GridEmbedding(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.trunk = torch.nn.Sequential(*net.stages())
+            self.trunk = torch.nn.Sequential(*net.stages()[:stage])
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             fmap = self.trunk(x)
@@ -223,8 +235,12 @@ def grid_embedding(net: Any, grid: int) -> Any:
 
 
 def pretrain_backbone(source: str, out_dir: Path, *, model: str = "cnn_s", epochs: int = 5,
-                      seed: int = 0, limit: int | None = None, grid: int = 3) -> Path:
+                      seed: int = 0, limit: int | None = None, grid: int = 3,
+                      stage: int | None = None) -> Path:
     """Train a backbone and export its (frozen) embedding to ONNX; returns the ``.onnx`` path.
+
+    ``stage``: cut the backbone after this stage (default: after the last one) and export that
+    feature map, pooled to ``grid x grid``, as the latent layer.
 
     ``source``: ``mnist-5k`` (a disjoint data source: handwritten digits, no Fashion-MNIST
     image at all) or ``experience1`` (Fashion-MNIST classes 0 and 1 only, the first
@@ -242,7 +258,8 @@ def pretrain_backbone(source: str, out_dir: Path, *, model: str = "cnn_s", epoch
             "experience1": ["data.name=fashion-mnist", "data.classes=[0, 1]"]}
     if source not in data:
         raise EdgektError(f"backbone source {source!r}: expected mnist-5k or experience1")
-    onnx_path = out_dir / f"backbone-{source}-{model}-e{epochs}-s{seed}-g{grid}.onnx"
+    cut = "" if stage is None else f"-st{stage}"
+    onnx_path = out_dir / f"backbone-{source}-{model}-e{epochs}-s{seed}-g{grid}{cut}.onnx"
     if onnx_path.exists():
         return onnx_path
     run = out_dir / f"run-{source}-{model}-e{epochs}-s{seed}"
@@ -255,11 +272,15 @@ def pretrain_backbone(source: str, out_dir: Path, *, model: str = "cnn_s", epoch
         fit(load_config(None, overrides), force=True)
     ckpt = load_checkpoint(run / "best.pt" if (run / "best.pt").exists() else run / "last.pt")
     net, info = model_from_checkpoint(ckpt)
-    module = grid_embedding(net, grid)
-    meta = build_meta(info, part="embedding", model_name=model,
-                      embedding_dim=net.embedding_dim * grid * grid, dynamic_batch=True,
-                      source_sha256=file_sha256(run / "last.pt"))
-    meta.extra.update(pretrained_on=source, grid=grid)
+    module = grid_embedding(net, grid, stage)
+    import torch
+
+    with torch.no_grad():
+        dim = int(module(torch.zeros(1, info.in_channels, info.image_size,
+                                     info.image_size)).shape[1])
+    meta = build_meta(info, part="embedding", model_name=model, embedding_dim=dim,
+                      dynamic_batch=True, source_sha256=file_sha256(run / "last.pt"))
+    meta.extra.update(pretrained_on=source, grid=grid, stage=stage or len(net.stages()))
     export_onnx(module, meta, onnx_path)
     return onnx_path
 
@@ -298,27 +319,38 @@ def check_options(scenario: str, backbone: str | Path, *, strategies: tuple[str,
                           f"embedding model: .onnx, .xml or an export directory)")
 
 
+def load_stream(train_per_class: int | None = None, test_per_class: int | None = None,
+                data_dir: str | None = None, seed: int = 0
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """Fashion-MNIST as uint8 images and labels (train, test), optionally N per class."""
+    from edgekt.config import DataConfig
+    from edgekt.data import build_splits
+
+    splits = build_splits(DataConfig(name="fashion-mnist", val_fraction=0.0, data_dir=data_dir))
+    x_tr, y_tr = splits.train.images.numpy()[:, 0], splits.train.targets.numpy()
+    x_te, y_te = splits.test.images.numpy()[:, 0], splits.test.targets.numpy()
+    tr, te = _per_class(y_tr, train_per_class, seed), _per_class(y_te, test_per_class, seed)
+    return x_tr[tr], y_tr[tr], x_te[te], y_te[te], list(splits.info.labels)
+
+
 def simulate(scenario: str, backbone: str | Path, *, strategies: tuple[str, ...] = STRATEGIES,
              config: LearnerConfig | None = None, batch_size: int = 32,
              train_per_class: int | None = None, test_per_class: int | None = None,
              data_dir: str | None = None, shift: str = "all", threads: int | None = None,
-             seed: int = 0) -> SimulationReport:
-    """Run ``strategies`` on a Fashion-MNIST ``scenario`` with the exported ``backbone``."""
-    from edgekt.config import DataConfig
-    from edgekt.data import build_splits
+             seed: int = 0, seeds: tuple[int, ...] | None = None) -> SimulationReport:
+    """Run ``strategies`` on a Fashion-MNIST ``scenario`` with the exported ``backbone``.
+
+    ``seed`` picks the per-class subsets; each of ``seeds`` (default: ``seed`` alone) runs
+    every strategy once, with its own stream order and learner seed.
+    """
     from edgekt.devices import EdgeModel
 
     check_options(scenario, backbone, strategies=strategies, batch_size=batch_size,
                   train_per_class=train_per_class, test_per_class=test_per_class, shift=shift,
                   threads=threads)
     config = config or LearnerConfig()
-    splits = build_splits(DataConfig(name="fashion-mnist", val_fraction=0.0, data_dir=data_dir))
-    x_tr, y_tr = splits.train.images.numpy()[:, 0], splits.train.targets.numpy()
-    x_te, y_te = splits.test.images.numpy()[:, 0], splits.test.targets.numpy()
-    tr, te = _per_class(y_tr, train_per_class, seed), _per_class(y_te, test_per_class, seed)
-    x_tr, y_tr, x_te, y_te = x_tr[tr], y_tr[tr], x_te[te], y_te[te]
+    x_tr, y_tr, x_te, y_te, labels = load_stream(train_per_class, test_per_class, data_dir, seed)
     model = EdgeModel.load(backbone, threads=threads)
-    labels = list(splits.info.labels)
     if scenario == "class-incremental":
         exps = class_incremental(embed_images(model, x_tr), y_tr, embed_images(model, x_te),
                                  y_te, labels)
@@ -332,7 +364,8 @@ def simulate(scenario: str, backbone: str | Path, *, strategies: tuple[str, ...]
     # The head's matrices are tiny: multi-threaded BLAS only adds synchronisation (10x slower
     # updates on a busy 2-core machine), and a device app would run them on one core too.
     with threadpool_limits(1):
-        for s in strategies:
-            report.results.append(run_strategy(s, exps, labels, config, batch_size=batch_size,
-                                               seed=seed))
+        for run_seed in seeds or (seed,):
+            for s in strategies:
+                report.results.append(run_strategy(s, exps, labels, config,
+                                                   batch_size=batch_size, seed=run_seed))
     return report
