@@ -76,13 +76,15 @@ class ReplayBuffer:
         arrays = (self.latents, self.scales, self.labels, self.holdout, self.seen, self.counts)
         return sum(a.nbytes for a in arrays)
 
-    def _encode(self, z: np.ndarray, slot: int) -> None:
+    def _encode(self, z: np.ndarray, slots: np.ndarray) -> None:
+        """Store rows ``z`` into ``slots`` (distinct), int8 with a per-row scale if asked."""
         if self.int8:
-            scale = float(np.abs(z).max()) / 127.0 or 1.0
-            self.latents[slot] = np.clip(np.rint(z / scale), -127, 127)
-            self.scales[slot] = scale
+            scale = np.abs(z).max(axis=1) / 127.0
+            scale[scale == 0] = 1.0
+            self.latents[slots] = np.clip(np.rint(z / scale[:, None]), -127, 127)
+            self.scales[slots] = scale
         else:
-            self.latents[slot] = z
+            self.latents[slots] = z
 
     def _decode(self, idx: np.ndarray) -> np.ndarray:
         if self.int8:
@@ -106,9 +108,8 @@ class ReplayBuffer:
         if int(np.max(y, initial=0)) >= len(self.seen):
             raise EdgektError(f"ReplayBuffer: class index {int(np.max(y))} >= max_classes "
                               f"{len(self.seen)}; create the learner with a larger max_classes")
-        stored = 0
-        written = []
-        for zi, c in zip(z, y.tolist(), strict=True):
+        written: dict[int, int] = {}  # slot -> row of z (a slot written twice keeps the last)
+        for row, c in enumerate(y.tolist()):
             self.seen[c] += 1
             if self.size < self.capacity:
                 slot = self.size
@@ -122,14 +123,17 @@ class ReplayBuffer:
                 else:
                     continue
                 self.counts[self.labels[slot]] -= 1
-            self._encode(zi, slot)
             self.labels[slot] = c
             self.counts[c] += 1
             self.holdout[slot] = self.rng.random() < self.holdout_fraction
-            stored += 1
-            written.append(slot)
-        self.last_written = np.array(written, np.int64)
-        return stored
+            written.pop(slot, None)
+            written[slot] = row
+        slots = np.fromiter(written.keys(), np.int64, len(written))
+        if len(slots):  # one vectorised encode for the batch
+            self._encode(np.asarray(z, np.float32)[np.fromiter(written.values(), np.int64,
+                                                                len(written))], slots)
+        self.last_written = slots
+        return len(slots)
 
     def sample(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         """Up to ``n`` replay samples (never holdout ones), drawn uniformly without replacement."""

@@ -54,7 +54,7 @@ class StrategyResult:
     update_ms_median: float
     update_ms_p95: float
     update_cpu_ms_median: float
-    """CPU time of one update (this thread), unaffected by other processes on the cores."""
+    """CPU time of one update (this process), unaffected by other processes on the cores."""
     memory_bytes: int
     counters: dict[str, int]
     seconds: float
