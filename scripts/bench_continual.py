@@ -16,7 +16,9 @@ Avalanche (``--avalanche``: installs avalanche-lib into its own venv under ~/.ca
 see ``edgekt.continual.peer``) runs Naive, Replay and Cumulative on the same images, split,
 class order and seeds, with its SimpleMLP on raw pixels (``--avalanche-model cnn_s``: edgekt's
 cnn_s trained end to end). Replay's memory is the same byte budget spent on raw uint8 28x28
-images: 1,000,000 // 784 = 1,275 images (labels not counted, in Avalanche's favour).
+images: 1,000,000 // 784 = 1,275 images (labels not counted, in Avalanche's favour). Avalanche
+runs on one thread with passive OpenMP waits (two spinning threads were 5-10x slower on the
+shared 2-core machine).
 """
 
 from __future__ import annotations
@@ -61,6 +63,10 @@ def main() -> None:
     ap.add_argument("--avalanche-model", default="mlp", choices=("mlp", "cnn_s"))
     ap.add_argument("--avalanche-epochs", type=int, default=1)
     ap.add_argument("--avalanche-lr", type=float, default=0.01)
+    ap.add_argument("--avalanche-threads", type=int, default=1)
+    ap.add_argument("--cumulative-seeds", default=None,
+                    help="seeds of Avalanche's Cumulative, its slowest strategy (3x the data "
+                         "through Avalanche's per-sample loader) [default: --seeds]")
     args = ap.parse_args()
 
     import torch
@@ -128,11 +134,18 @@ def main() -> None:
             py = ensure_avalanche()
             x_tr, y_tr, x_te, y_te, _ = load_stream(*per_class)
             t1 = time.perf_counter()
-            av = run_avalanche(py, {"x_train": x_tr, "y_train": y_tr, "x_test": x_te,
-                                    "y_test": y_te, "class_order": np.arange(10)},
-                               seeds=seeds, model=args.avalanche_model,
-                               epochs=args.avalanche_epochs, lr=args.avalanche_lr,
-                               mem_size=mem_size, echo=console.print)
+            stream = {"x_train": x_tr, "y_train": y_tr, "x_test": x_te, "y_test": y_te,
+                      "class_order": np.arange(10)}
+            cumulative_seeds = ([int(s) for s in args.cumulative_seeds.split(",")]
+                                if args.cumulative_seeds else seeds)
+            av = None
+            for strategies, run_seeds in ((("naive", "replay"), seeds),
+                                          (("cumulative",), cumulative_seeds)):
+                part = run_avalanche(py, stream, seeds=run_seeds, model=args.avalanche_model,
+                                     epochs=args.avalanche_epochs, lr=args.avalanche_lr,
+                                     mem_size=mem_size, strategies=strategies,
+                                     threads=args.avalanche_threads, echo=console.print)
+                av = part if av is None else {**av, "rows": av["rows"] + part["rows"]}
             out["avalanche"].update({k: v for k, v in av.items() if k != "rows"},
                                     seconds=time.perf_counter() - t1, rows=av["rows"])
             model = (f"SimpleMLP 784-512-10 on raw pixels ({av['rows'][0]['params']:,} params)"

@@ -127,7 +127,7 @@ def ensure_avalanche(version: str = AVALANCHE_VERSION, *, install: bool = True,
 def run_avalanche(python: Path, stream: dict[str, np.ndarray], *, seeds: list[int],
                   model: str = "mlp", epochs: int = 1, lr: float = 0.01, mem_size: int,
                   strategies: tuple[str, ...] = ("naive", "replay", "cumulative"),
-                  threads: int = 2, timeout_s: float = 3600.0,
+                  threads: int = 1, timeout_s: float = 3600.0,
                   echo: Any = print) -> dict[str, Any]:
     """Run :mod:`edgekt.continual.avalanche_peer` in the Avalanche venv; its JSON result.
 
@@ -141,7 +141,8 @@ def run_avalanche(python: Path, stream: dict[str, np.ndarray], *, seeds: list[in
                str(out), "--model", model, "--seeds", ",".join(map(str, seeds)),
                "--epochs", str(epochs), "--lr", str(lr), "--mem-size", str(mem_size),
                "--strategies", ",".join(strategies), "--threads", str(threads)]
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        # Passive OpenMP waits: spinning threads collapse when other processes share the cores.
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "PASSIVE"}
         tail: list[str] = []
         with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               env=env) as proc:
