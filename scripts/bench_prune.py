@@ -153,15 +153,25 @@ def run(args) -> dict[str, Any]:
     for frac in args.fractions:
         tag = f"{frac:g}"
         pruned = tmp / f"pruned_{tag}.pt"
+        # The recovery between pruning rounds is paid from the pruned student's epochs, so all
+        # three students take the same number of optimiser steps.
+        per_epoch = -(-len(splits.train) // args.batch_size)
+        recover = round(args.recover_epochs * per_epoch / args.rounds) if args.recover_epochs \
+            else 0
+        c0 = time.process_time()
         prune_checkpoint(teacher, pruned, PruneSpec(target_macs=frac, importance=args.importance,
                                                     global_pruning=args.global_pruning,
-                                                    keep=tuple(args.keep)),
+                                                    keep=tuple(args.keep), steps=args.rounds,
+                                                    recover_steps=recover,
+                                                    recover_lr=args.recover_round_lr),
                          splits=splits, force=True)
+        prune_cpu = round(time.process_time() - c0, 1)
         goal = describe(pruned)["macs"]
         width = width_for_macs(t_name, info, goal)
         variants = [
-            ("pruned+KD", make_cfg(tmp / f"pkd_{tag}", f"pruned:{pruned}", {}, args.epochs, args,
-                                   args.recovery_lr, teacher)),
+            ("pruned+KD", make_cfg(tmp / f"pkd_{tag}", f"pruned:{pruned}", {},
+                                   args.epochs - args.recover_epochs, args, args.recovery_lr,
+                                   teacher)),
             ("scratch", make_cfg(tmp / f"scr_{tag}", t_name, {"width_mult": width}, args.epochs,
                                  args, 0.003)),
             ("scratch+KD", make_cfg(tmp / f"skd_{tag}", t_name, {"width_mult": width},
@@ -169,8 +179,9 @@ def run(args) -> dict[str, Any]:
         ]
         for label, cfg in [(lab, c) for lab, c in variants if lab in args.variants]:
             metrics, ckpt = timed_fit(cfg, splits)
+            cpu = metrics["cpu_s"] + (prune_cpu if label == "pruned+KD" else 0.0)
             row = {"variant": label, "fraction": frac, "test_acc": metrics.get("test_acc"),
-                   "cpu_s": metrics["cpu_s"], **describe(ckpt),
+                   "val_acc": metrics.get("val_acc"), "cpu_s": round(cpu, 1), **describe(ckpt),
                    **int8_latency(ckpt, splits, tmp / f"pkg_{label}_{tag}", args.latency_runs)}
             row["macs_ratio"] = round(row["macs"] / t["macs"], 4)
             row["latency_ratio"] = round(row["int8_p50_ms"] / t["int8_p50_ms"], 4)
@@ -225,11 +236,19 @@ def main() -> None:
     p.add_argument("--fractions", type=float, nargs="*", default=[0.25, 0.10, 0.05])
     p.add_argument("--importance", default="l2")
     p.add_argument("--global-pruning", action="store_true")
-    p.add_argument("--keep", nargs="*", default=["stem", "head"],
+    p.add_argument("--keep", nargs="*", default=list(PruneSpec().keep),
                    help="modules left unpruned (edgekt prune --keep)")
+    p.add_argument("--rounds", type=int, default=PruneSpec().steps,
+                   help="pruning rounds (edgekt prune --steps)")
+    p.add_argument("--recover-epochs", type=int, default=0,
+                   help="epochs of the pruned student's budget spent on KD recovery between "
+                        "the pruning rounds (edgekt prune --recover-steps), split evenly")
+    p.add_argument("--recover-round-lr", type=float, default=PruneSpec().recover_lr,
+                   help="learning rate of that recovery (edgekt prune --recover-lr)")
     p.add_argument("--variants", nargs="*", default=["pruned+KD", "scratch", "scratch+KD"],
                    help="which students to train per fraction")
-    p.add_argument("--recovery-lr", type=float, default=0.001)
+    p.add_argument("--recovery-lr", type=float, default=0.001,
+                   help="learning rate of the pruned student's distillation")
     p.add_argument("--limit", type=int, default=None, help="training images (default: all)")
     p.add_argument("--val-fraction", type=float, default=0.1,
                    help="validation images, a fraction of the training split (evaluated per epoch)")
@@ -243,6 +262,8 @@ def main() -> None:
         args.limit, args.teacher, args.teacher_epochs = 600, "cnn_s", 1
         args.epochs, args.fractions, args.latency_runs = 1, [0.25], 100
         args.batch_size = 32  # 1 epoch of 600 images: enough steps to leave chance level
+    if not 0 <= args.recover_epochs < args.epochs:
+        p.error(f"--recover-epochs must be 0 or more and below --epochs ({args.epochs})")
     torch.set_num_threads(args.threads)
     res = run(args)
     print_table(res)
