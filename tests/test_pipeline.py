@@ -195,6 +195,9 @@ def test_pruned_student_is_pruned_distilled_exported_and_reported(tmp_path, tiny
     ("{name: p, model: cnn_s, prune: {ratio: 0.5}}", r"students\.0: model cannot be given"),
     ("{name: p, prune: {ratio: 0.5, importance: l3}}", r"prune: importance must be one of"),
     ("{name: p, prune: {ratio: 0.5, globl: true}}", "did you mean 'global'"),
+    ("{name: p, prune: {ratio: 0.5, recover_steps: -5}}",
+     r"students\.0\.prune: recover_steps must be 0 or more"),
+    ("{name: p, prune: {ratio: 0.5, recover_lr: 2}}", r"prune: recover_lr must be between 0"),
 ])
 def test_bad_pruned_students_fail_at_config_load(tmp_path, tiny_checkpoint, student, match):
     pytest.importorskip("torch_pruning")
