@@ -12,6 +12,7 @@ latency ratio against the MACs ratio, and CPU time of the recovery/training.
     python scripts/bench_prune.py --quick                   # 600 images, 1 epoch, 25% only
     python scripts/bench_prune.py --teacher-checkpoint runs/teacher_fashion/best.pt \
         --epochs 10 --out bench_prune.json                  # the full table (hours on a CPU)
+    python scripts/bench_prune.py ... --rounds 3 --recover-epochs 1   # prune-and-recover rounds
 """
 
 from __future__ import annotations
@@ -213,11 +214,12 @@ def cpu_flags() -> list[str]:
 
 def print_table(res: dict[str, Any]) -> None:
     tab = Table(title=f"prune + KD vs scratch (teacher {res['teacher']}; CPU {res['cpu']})")
-    for col in ("variant", "MACs frac", "test acc", "params", "MACs", "INT8 p50 ms",
+    for col in ("variant", "MACs frac", "val acc", "test acc", "params", "MACs", "INT8 p50 ms",
                 "latency ratio", "MACs ratio", "CPU s"):
         tab.add_column(col)
     for r in res["rows"]:
         tab.add_row(r["variant"], f"{r['fraction']:g}",
+                    f"{r['val_acc']:.4f}" if r.get("val_acc") is not None else "-",
                     f"{r['test_acc']:.4f}" if r["test_acc"] is not None else "-",
                     f"{r['params']:,}", f"{r['macs']:,}", f"{r['int8_p50_ms']:.4f}",
                     str(r.get("latency_ratio", 1.0)), str(r.get("macs_ratio", 1.0)),

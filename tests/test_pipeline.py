@@ -208,6 +208,16 @@ def test_bad_pruned_students_fail_at_config_load(tmp_path, tiny_checkpoint, stud
     assert str(p) in str(err.value)
 
 
+def test_prune_student_options_reach_the_pruner(tmp_path, tiny_checkpoint):
+    """The default keep is auto; prune-and-recover options arrive in the PruneSpec."""
+    p = tmp_path / "p.yaml"
+    p.write_text(f"teacher: {{checkpoint: {tiny_checkpoint}}}\nstudents: [{{name: p, prune: "
+                 "{target_macs: 0.1, steps: 3, recover_steps: 40, recover_lr: 0.003}}]\n")
+    spec = load_pipeline_config(p, None, []).students[0].prune.spec()
+    assert (spec.steps, spec.recover_steps, spec.recover_lr) == (3, 40, 0.003)
+    assert list(spec.keep) == ["auto"]
+
+
 def test_absolute_prune_target_is_checked_against_the_teacher_to_be_trained(tmp_path):
     """No teacher checkpoint yet: the teacher's config builds the model that is counted."""
     from typer.testing import CliRunner
