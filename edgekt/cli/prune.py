@@ -41,7 +41,7 @@ def prune(
     recover_steps: Annotated[int, typer.Option(
         help="KD steps from the unpruned model on its training images after every round.",
     )] = 0,
-    recover_lr: Annotated[float, typer.Option(help="AdamW learning rate of the recovery.")] = 0.01,
+    recover_lr: Annotated[float, typer.Option(help="AdamW learning rate of the recovery.")] = 0.003,
     round_to: Annotated[int | None, typer.Option(
         help="Keep channel counts multiples of N.")] = None,
     data_dir: DataDirOpt = None,

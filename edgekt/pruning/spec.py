@@ -40,7 +40,7 @@ class PruneSpec:
     a quarter of the model (see :data:`AUTO_STEM_BELOW`)."""
     recover_steps: int = 0
     """Distillation steps from the unpruned model after every round (prune-and-recover)."""
-    recover_lr: float = 0.01
+    recover_lr: float = 0.003
     """AdamW learning rate of those recovery steps (cosine-decayed within each round)."""
     round_to: int | None = None
     """Keep channel counts multiples of this (SIMD-friendly widths)."""
