@@ -273,7 +273,7 @@ def main() -> None:
                    help="learning rate of that recovery (edgekt prune --recover-lr)")
     p.add_argument("--variants", nargs="*", default=["pruned+KD", "scratch", "scratch+KD"],
                    help="which students to train per fraction")
-    p.add_argument("--recovery-lr", type=float, default=0.001,
+    p.add_argument("--recovery-lr", type=float, default=0.005,
                    help="learning rate of the pruned student's distillation")
     p.add_argument("--limit", type=int, default=None, help="training images (default: all)")
     p.add_argument("--val-fraction", type=float, default=0.1,
