@@ -195,6 +195,9 @@ def test_pruned_student_is_pruned_distilled_exported_and_reported(tmp_path, tiny
     ("{name: p, model: cnn_s, prune: {ratio: 0.5}}", r"students\.0: model cannot be given"),
     ("{name: p, prune: {ratio: 0.5, importance: l3}}", r"prune: importance must be one of"),
     ("{name: p, prune: {ratio: 0.5, globl: true}}", "did you mean 'global'"),
+    ("{name: p, prune: {ratio: 0.5, recover_steps: -5}}",
+     r"students\.0\.prune: recover_steps must be 0 or more"),
+    ("{name: p, prune: {ratio: 0.5, recover_lr: 2}}", r"prune: recover_lr must be between 0"),
 ])
 def test_bad_pruned_students_fail_at_config_load(tmp_path, tiny_checkpoint, student, match):
     pytest.importorskip("torch_pruning")
@@ -203,6 +206,16 @@ def test_bad_pruned_students_fail_at_config_load(tmp_path, tiny_checkpoint, stud
     with pytest.raises(EdgektError, match=match) as err:
         load_pipeline_config(p, None, [])
     assert str(p) in str(err.value)
+
+
+def test_prune_student_options_reach_the_pruner(tmp_path, tiny_checkpoint):
+    """The default keep is auto; prune-and-recover options arrive in the PruneSpec."""
+    p = tmp_path / "p.yaml"
+    p.write_text(f"teacher: {{checkpoint: {tiny_checkpoint}}}\nstudents: [{{name: p, prune: "
+                 "{target_macs: 0.1, steps: 3, recover_steps: 40, recover_lr: 0.003}}]\n")
+    spec = load_pipeline_config(p, None, []).students[0].prune.spec()
+    assert (spec.steps, spec.recover_steps, spec.recover_lr) == (3, 40, 0.003)
+    assert list(spec.keep) == ["auto"]
 
 
 def test_absolute_prune_target_is_checked_against_the_teacher_to_be_trained(tmp_path):

@@ -80,11 +80,13 @@ def test_fusion_changes_the_graph_not_the_function():
 
 
 @pytest.mark.parametrize("name", FAMILIES)
-def test_timm_family_exports_to_onnx_and_openvino_with_parity(name, tmp_path, fashion_tiny):
+def test_timm_family_exports_with_parity(name, tmp_path, fashion_tiny):
+    """ONNX and OpenVINO, and LiteRT where its converter is installed (scripts/test.sh does)."""
     from edgekt.checkpoint import save_checkpoint
     from edgekt.config import ModelConfig
     from edgekt.engine.setup import info_record, model_record
     from edgekt.exporters import export_package
+    from edgekt.exporters.base import target_installed
 
     torch.set_num_threads(1)
     info = fashion_tiny.info
@@ -92,10 +94,10 @@ def test_timm_family_exports_to_onnx_and_openvino_with_parity(name, tmp_path, fa
     ckpt = tmp_path / "m.pt"
     save_checkpoint(ckpt, {"model": model_record(ModelConfig(name=name), info, m),
                            "data": info_record(info)})
-    man = export_package(ckpt, tmp_path / "pkg", targets=["onnx", "openvino"],
-                         precisions=["fp32"], splits=fashion_tiny, val_samples=64,
-                         test_samples=64, threads=1)
-    assert man.gate["passed"]
+    targets = ["onnx", "openvino", *(["litert"] if target_installed("litert") else [])]
+    man = export_package(ckpt, tmp_path / "pkg", targets=targets, precisions=["fp32"],
+                         splits=fashion_tiny, val_samples=64, test_samples=64, threads=1)
+    assert man.gate["passed"] and {a["target"] for a in man.artifacts} == set(targets)
     for a in man.artifacts:
         assert a["parity"]["agreement"] >= 0.99 and a["parity"]["max_abs_diff"] < 1e-3
     # The ONNX graph is the fused one: fewer convolutions than the trained multi-branch model.

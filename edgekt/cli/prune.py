@@ -30,10 +30,18 @@ def prune(
     global_: Annotated[bool, typer.Option(
         "--global/--uniform", help="Rank channels across layers, or the same ratio per layer.",
     )] = False,
-    steps: Annotated[int, typer.Option(help="Iterative pruning rounds (ratio mode).")] = 1,
+    steps: Annotated[int, typer.Option(
+        help="Pruning rounds (iterative pruning; with --recover-steps, prune-and-recover).",
+    )] = 1,
     keep: Annotated[list[str] | None, typer.Option(
-        help="Module left unpruned (repeat): stem, head or a module path. Default: stem, head.",
+        help="Module left unpruned (repeat): stem, head, a module path, or auto (the head; the "
+             "stem too unless it is full-resolution and < 25% of the model is kept). "
+             "Default: auto.",
     )] = None,
+    recover_steps: Annotated[int, typer.Option(
+        help="KD steps from the unpruned model on its training images after every round.",
+    )] = 0,
+    recover_lr: Annotated[float, typer.Option(help="AdamW learning rate of the recovery.")] = 0.003,
     round_to: Annotated[int | None, typer.Option(
         help="Keep channel counts multiples of N.")] = None,
     data_dir: DataDirOpt = None,
@@ -48,7 +56,8 @@ def prune(
 
     spec = PruneSpec(ratio=ratio, target_macs=target_macs, target_params=target_params,
                      importance=importance, global_pruning=global_, steps=steps,
-                     keep=tuple(keep) if keep else ("stem", "head"), round_to=round_to)
+                     keep=tuple(keep) if keep else ("auto",), round_to=round_to,
+                     recover_steps=recover_steps, recover_lr=recover_lr)
     rec = prune_checkpoint(checkpoint, out, spec, data_dir=data_dir, force=force)
     t = Table(title=f"pruned {checkpoint} -> {out}")
     for col in ("", "before", "after", "fraction"):

@@ -47,9 +47,14 @@ class PruneStudentSpec(Strict):
     global_pruning: bool = Field(_PRUNE_DEFAULTS.global_pruning, alias="global")
     """``global: true`` ranks channels across layers instead of the same ratio per layer."""
     steps: int = _PRUNE_DEFAULTS.steps
-    """Iterative pruning rounds (ratio mode)."""
+    """Pruning rounds (with ``recover_steps``: prune-and-recover rounds)."""
     keep: list[str] = Field(default_factory=lambda: list(_PRUNE_DEFAULTS.keep))
-    """Modules left unpruned: ``stem``, ``head`` or module paths."""
+    """Modules left unpruned: ``stem``, ``head``, module paths or ``auto`` (the head; the stem
+    unless it is full-resolution and less than a quarter of the teacher is kept)."""
+    recover_steps: int = _PRUNE_DEFAULTS.recover_steps
+    """KD steps from the teacher after every pruning round, before the distillation."""
+    recover_lr: float = _PRUNE_DEFAULTS.recover_lr
+    """Learning rate of those recovery steps."""
     round_to: int | None = _PRUNE_DEFAULTS.round_to
     """Keep channel counts multiples of this."""
 

@@ -10,6 +10,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 IMPORTANCES = ("l1", "l2", "taylor", "bn-scale")
+AUTO_STEM_BELOW = 0.25
+"""``keep: auto`` prunes a full-resolution stem when less than this fraction of the MACs (or
+params) is kept: a kept stem pins the input width of the next conv, the costliest layer of a
+stride-1 CNN, which then eats half of a 10% budget (measured on cnn_l, README)."""
 TARGETS = ("ratio", "target_macs", "target_params")
 
 
@@ -28,9 +32,16 @@ class PruneSpec:
     global_pruning: bool = False
     """Rank channels across layers (global) instead of the same ratio per layer (uniform)."""
     steps: int = 1
-    """Pruning rounds in ratio mode (iterative pruning re-ranks after each round)."""
-    keep: Sequence[str] = field(default_factory=lambda: ("stem", "head"))
-    """Modules left untouched: ``stem`` (first conv), ``head``, or module paths."""
+    """Pruning rounds: each removes a share of the channels (in target mode, an equal factor of
+    the MACs/params), then re-ranks; with ``recover_steps`` each round is followed by recovery."""
+    keep: Sequence[str] = field(default_factory=lambda: ("auto",))
+    """Modules left untouched: ``stem`` (first conv), ``head``, module paths, or ``auto``: the
+    head, and the stem unless it runs at full input resolution and the pruning keeps less than
+    a quarter of the model (see :data:`AUTO_STEM_BELOW`)."""
+    recover_steps: int = 0
+    """Distillation steps from the unpruned model after every round (prune-and-recover)."""
+    recover_lr: float = 0.003
+    """AdamW learning rate of those recovery steps (cosine-decayed within each round)."""
     round_to: int | None = None
     """Keep channel counts multiples of this (SIMD-friendly widths)."""
     calib_batches: int = 4
@@ -57,6 +68,11 @@ def problems(spec: PruneSpec, flag: Callable[[str], str] = cli_flag) -> list[str
                    f"(got {spec.importance!r})")
     if spec.steps < 1:
         out.append(f"{flag('steps')} must be at least 1 (got {spec.steps})")
+    if spec.recover_steps < 0:
+        out.append(f"{flag('recover_steps')} must be 0 or more (got {spec.recover_steps})")
+    if not 0.0 < spec.recover_lr < 1.0:
+        out.append(f"{flag('recover_lr')} must be between 0 and 1, exclusive "
+                   f"(got {spec.recover_lr})")
     for k in ("target_macs", "target_params", "round_to"):
         v = getattr(spec, k)
         if v is not None and v <= 0:
