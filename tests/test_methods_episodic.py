@@ -59,7 +59,8 @@ def test_pair_sampler_balanced_and_correct():
                                           ("maml", "inner_steps: 1, eval_inner_steps: 1, "
                                                    "meta_batch: 1, adapt: head, "),
                                           ("maml", "inner_steps: 1, eval_inner_steps: 1, "
-                                                   "meta_batch: 1, head_init: proto, ")])
+                                                   "meta_batch: 1, head_init: proto, "
+                                                   "inner_lr: 0.01, ")])
 def test_method_trains_and_evaluates_on_novel_classes(tmp_path, base_novel, method, extra):
     splits, novel = base_novel
     cfg = load_config(None, [*BASE, f"run.dir={tmp_path}", f"method={method}",
