@@ -10,7 +10,7 @@ from edgekt.data import Splits
 from edgekt.engine.fit import Trainer
 from edgekt.errors import EdgektError
 from edgekt.fewshot.episodes import EpisodeSpec
-from edgekt.methods.maml import episode_logits, inner_loop
+from edgekt.methods.maml import episode_logits, features, head_inner_loop, inner_loop
 from edgekt.methods.siamese import sample_pairs
 from edgekt.models import Embedding, create_model
 
@@ -55,7 +55,12 @@ def test_pair_sampler_balanced_and_correct():
 @pytest.mark.parametrize("method,extra", [("siamese", "pairs: 16, "), ("matching", ""),
                                           ("matching", "fce: true, "), ("relation", ""),
                                           ("maml", "inner_steps: 1, eval_inner_steps: 2, "
-                                                   "meta_batch: 1, ")])
+                                                   "meta_batch: 1, "),
+                                          ("maml", "inner_steps: 1, eval_inner_steps: 1, "
+                                                   "meta_batch: 1, adapt: head, "),
+                                          ("maml", "inner_steps: 1, eval_inner_steps: 1, "
+                                                   "meta_batch: 1, head_init: proto, "
+                                                   "inner_lr: 0.01, ")])
 def test_method_trains_and_evaluates_on_novel_classes(tmp_path, base_novel, method, extra):
     splits, novel = base_novel
     cfg = load_config(None, [*BASE, f"run.dir={tmp_path}", f"method={method}",
@@ -110,6 +115,23 @@ def test_maml_inner_loop_second_vs_first_order():
     ce = torch.nn.functional.cross_entropy
     assert ce(episode_logits(trunk, adapted, xs), ys) < ce(episode_logits(trunk, params, xs), ys)
     assert not torch.allclose(grads[False], grads[True])
+
+
+def test_anil_head_loop_equals_the_full_loop_restricted_to_the_head():
+    torch.manual_seed(0)
+    net = create_model("cnn_xs", num_classes=3, in_channels=1, image_size=12)
+    trunk = Embedding(net).eval()  # fixed statistics: the two paths see identical features
+    params = {k: p for k, p in trunk.named_parameters() if not k.startswith("net.head.")}
+    w = (0.1 * torch.randn(3, net.embedding_dim)).requires_grad_()
+    b = torch.zeros(3, requires_grad=True)
+    params.update({"head.weight": w, "head.bias": b})
+    xs, ys = torch.randn(6, 1, 12, 12), torch.tensor([0, 0, 1, 1, 2, 2])
+    full = inner_loop(trunk, params, ["head.weight", "head.bias"], xs, ys, steps=3, lr=0.5,
+                      first_order=False)
+    hw, hb = head_inner_loop(features(trunk, params, xs), ys, w, b, steps=3, lr=0.5,
+                             first_order=False)
+    assert torch.allclose(full["head.weight"], hw, atol=1e-6)
+    assert torch.allclose(full["head.bias"], hb, atol=1e-6)
 
 
 @pytest.mark.slow

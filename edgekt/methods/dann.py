@@ -9,13 +9,22 @@ target's validation and test splits are scored each epoch (``val_target_acc``,
 
 The target images are normalised with the *source* statistics: the deployed model applies one
 preprocessing (recorded at export) to whatever the device sees.
+
+Batch normalisation (``bn``): ``joint`` normalises the concatenated source + target batch, as a
+single-stream DANN does; ``per_domain`` normalises each domain's batch with its own statistics
+(domain-specific normalisation, as in AdaBN and AutoDIAL), so the features the domain classifier
+must not tell apart are already aligned in mean and variance. Either way
+``target_bn_acc`` scores the target with batch-norm statistics re-estimated on the unlabelled
+target training images (``adapt_batchnorm``): the model one deploys to the target domain.
 """
 
 from __future__ import annotations
 
+import copy
 import math
+from collections.abc import Iterable
 from dataclasses import replace
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +32,7 @@ from pydantic import Field
 from torch import nn
 
 from edgekt.config import Config, DataConfig, Strict, validate
-from edgekt.data import DatasetInfo, Splits, TensorSplit, build_splits, make_loader
+from edgekt.data import BatchLoader, DatasetInfo, Splits, TensorSplit, build_splits, make_loader
 from edgekt.engine.fit import evaluate
 from edgekt.engine.runtime import Runtime
 from edgekt.engine.tasks import METHODS, StepOutput, Task
@@ -67,6 +76,29 @@ class DannArgs(Strict):
     """Weight of the domain-classification loss."""
     hidden: int = Field(100, gt=0)
     """Width of the domain classifier's hidden layers (paper: 100)."""
+    bn: Literal["joint", "per_domain"] = "per_domain"
+    """Batch-norm statistics in training: of the source + target batch together, or of each
+    domain's batch separately (see the module docstring)."""
+
+
+@torch.no_grad()
+def adapt_batchnorm(model: nn.Module, batches: Iterable[Any]) -> nn.Module:
+    """AdaBN (Li et al. 2016): re-estimate every batch-norm layer's statistics on (unlabelled)
+    images of the deployment domain; ``batches`` yields tensors or (images, ...) tuples.
+
+    Changes ``model`` in place (its running statistics) and returns it in eval mode.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over the whole pass
+    model.train()
+    dev = next(model.parameters()).device
+    for b in batches:
+        model(b[0].to(dev) if isinstance(b, tuple | list) else b.to(dev))
+    for m in norms:
+        m.momentum = 0.1
+    return model.eval()
 
 
 class DomainClassifier(nn.Sequential):
@@ -144,8 +176,12 @@ class DannTask(Task):
         xs, ys = batch[0], batch[1]
         xt = self._target_batch()
         net = _unwrap(model)
-        z = net.forward_features(torch.cat([xs, xt]))
-        zs = z[: len(xs)]
+        if self.args.bn == "per_domain":  # each domain normalised by its own batch statistics
+            zs = net.forward_features(xs)
+            z = torch.cat([zs, net.forward_features(xt)])
+        else:
+            z = net.forward_features(torch.cat([xs, xt]))
+            zs = z[: len(xs)]
         logits = net.head(zs)
         cls = F.cross_entropy(logits.float(), ys, label_smoothing=self.label_smoothing)
         lam = dann_lambda(step / self.total_steps, self.args.lambda_max, self.args.gamma)
@@ -160,8 +196,16 @@ class DannTask(Task):
     def extra_metrics(self, model: nn.Module, split: str) -> dict[str, float]:
         part: TensorSplit = getattr(self.target, split)
         loader = make_loader(part, self.target_info, self.cfg.data, train=False)
-        return {"target_acc": evaluate(_unwrap(model), loader, Runtime(self.device, None))["acc"]}
+        rt = Runtime(self.device, None)
+        net = _unwrap(model)
+        adapted = adapt_batchnorm(copy.deepcopy(net), self.target_bn_batches())
+        return {"target_acc": evaluate(net, loader, rt)["acc"],
+                "target_bn_acc": evaluate(adapted, loader, rt)["acc"]}
+
+    def target_bn_batches(self) -> BatchLoader:
+        """The unlabelled target training images, in order (for ``adapt_batchnorm``)."""
+        return make_loader(self.target.train, self.target_info, self.cfg.data, train=False)
 
     def export_metadata(self) -> dict[str, Any]:
         return {"method": "dann", "target": self.args.target.name,
-                "lambda_max": self.args.lambda_max, "gamma": self.args.gamma}
+                "lambda_max": self.args.lambda_max, "gamma": self.args.gamma, "bn": self.args.bn}
