@@ -229,12 +229,35 @@ class TestLiteRTExporter(ExporterContract):
 
         hostile = outlier_checkpoint(tiny_checkpoint, tmp_path / "outlier.pt")
         out = tmp_path / "p"
+        # max_float_fraction 0.2 of cnn_xs's 7 weighted layers: the float-head try only.
         with pytest.raises(EdgektError, match=r"(?s)INT8 \(LiteRT\) cannot meet --max-drop 1.0 "
-                                              r"pt.*MinMaxObserver.*HistogramObserver"):
+                                              r"pt.*MinMaxObserver, float -.*HistogramObserver, "
+                                              r"float -.*float head: val acc"):
             export_package(hostile, out, targets=["litert"], precisions=["int8"],
                            splits=fashion_splits, val_samples=N_VAL, test_samples=N_VAL,
-                           calib_samples=100, max_drop=1.0, threads=1)
+                           calib_samples=100, max_drop=1.0, max_float_fraction=0.2, threads=1)
         assert not out.exists()
+
+    def test_max_drop_keeps_the_sensitive_layer_in_float(self, tiny_checkpoint, fashion_splits,
+                                                         tmp_path):
+        """A class bias of -1000 (a class never predicted) stretches the int8 logits' range
+        until the other classes share a few levels; keeping the head in float restores them."""
+        from edgekt.checkpoint import load_checkpoint, save_checkpoint
+
+        ckpt = load_checkpoint(tiny_checkpoint)
+        ckpt["model"]["state_dict"]["head.bias"][9] -= 1000.0
+        hostile = tmp_path / "head.pt"
+        save_checkpoint(hostile, ckpt)
+        manifest = export_package(hostile, tmp_path / "p", targets=["litert"],
+                                  precisions=["int8"], splits=fashion_splits, val_samples=N_VAL,
+                                  test_samples=N_VAL, calib_samples=100, max_drop=1.0, threads=1)
+        a = manifest.artifact("litert", "int8")
+        q = a["quantization"]
+        full = [t for t in q["tries"] if not t["float_modules"]]
+        assert len(full) == 2 and all(t["drop_pt"] > 1.0 for t in full)
+        assert q["float_modules"] == ["head"] and q["io"] == "int8 in, float32 out"
+        assert a["parity"]["agreement"] >= 0.97 and a["parity"]["passed"]
+        assert a["parity"]["agreement"] > max(t["agreement"] for t in full) + 0.2
 
     def test_unsupported_operator_is_named_with_its_module(self):
         from edgekt.exporters.litert_export import convert
