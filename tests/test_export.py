@@ -223,6 +223,52 @@ class TestLiteRTExporter(ExporterContract):
             assert model.artifact.path.suffix == ".tflite"
             assert plain[precision] == model.predict(raw)
 
+    def test_xnnpack_amx_off_changes_kernels_not_outputs(self, package, fashion_splits):
+        """``xnnpack_amx: false`` (a seccomp filter, so each setting in its own process) gives
+        bit-identical INT8 outputs; the export timed both and recorded the faster one."""
+        from edgekt.devices.backends.amx import cpu_has_amx
+        from edgekt.exporters.litert_export import AMX_GAIN
+
+        a = package.artifact("litert", "int8")
+        path = package.path.parent / a["file"]
+        script = textwrap.dedent("""
+            import ctypes, json, sys
+            import numpy as np
+            from edgekt.devices.backends import open_backend
+            b = open_backend(sys.argv[1], "litert", threads=1, config=json.loads(sys.argv[2]))
+            out = b.run(np.load(sys.argv[3]))[0]
+            libc = ctypes.CDLL(None, use_errno=True)
+            rc = libc.syscall(158, 0x1023, 18)  # arch_prctl(ARCH_REQ_XCOMP_PERM, XTILEDATA)
+            print(json.dumps({"out": out.tolist(), "amx": b.settings()["xnnpack_amx"],
+                              "req": [rc, ctypes.get_errno()], "torch": "torch" in sys.modules}))
+        """)
+        from edgekt.exporters.calib import normalised
+
+        x = normalised(fashion_splits.test.subset(torch.arange(20)), fashion_splits.info)
+        np.save(package.path.parent / "x20.npy", x)
+        runs = {}
+        for key, config in (("default", {}), ("off", {"xnnpack_amx": False})):
+            res = subprocess.run([sys.executable, "-c", script, str(path), json.dumps(config),
+                                  str(package.path.parent / "x20.npy")], capture_output=True,
+                                 text=True, timeout=120)
+            assert res.returncode == 0, res.stderr
+            runs[key] = json.loads(res.stdout.strip().splitlines()[-1])
+        assert runs["default"]["out"] == runs["off"]["out"]
+        assert not runs["off"]["torch"] and runs["default"]["amx"] == "default"
+        probe = a["quantization"].get("xnnpack_amx_probe")
+        if cpu_has_amx():
+            assert runs["off"]["amx"] == "off" and runs["off"]["req"] == [-1, 1]  # EPERM
+            assert probe["default_us"] > 0 and probe["off_us"] > 0
+            faster = probe["off_us"] < AMX_GAIN * probe["default_us"]
+            assert a["runtime_config"] == ({"xnnpack_amx": False} if faster else {})
+        else:
+            assert runs["off"]["amx"] == "off (this CPU has no AMX)"
+            assert probe is None and a["runtime_config"] == {}
+        from edgekt.devices.backends import open_backend
+
+        with pytest.raises(EdgektError, match="'xnnpack_amx' must be true or false"):
+            open_backend(path, "litert", config={"xnnpack_amx": "no"})
+
     def test_max_drop_fails_with_the_tries_listed(self, tiny_checkpoint, fashion_splits,
                                                   tmp_path):
         from _export_support import outlier_checkpoint
