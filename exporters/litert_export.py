@@ -2,9 +2,12 @@
 
 FP32 is ``litert_torch.convert(module, (sample,))``. INT8 is static PT2E quantization with
 litert-torch's quantizer (weights per-channel symmetric, activations per-tensor), calibrated on
-the real training images every target uses; the file then takes int8 input and gives int8
-output, which the ``litert`` device backend quantizes and dequantizes (the scale and zero
-point are also written into the metadata, ``extra.io_quantization``).
+the real training images every target uses, with layers put back in float when the agreement
+gate or ``--max-drop`` asks for it; the file then takes int8 input and gives int8 output (float
+output when the last layer stayed float), which the ``litert`` device backend quantizes and
+dequantizes (the scale and zero point are also written into the metadata,
+``extra.io_quantization``). Each INT8 file is timed with and without XNNPACK's AMX kernels on
+hosts that have AMX, and records ``xnnpack_amx: false`` when that is faster.
 
 The edgekt metadata JSON goes into the flatbuffer's ``metadata`` list under ``edgekt``, the
 place TFLite reserves for it, so a plain ``ai_edge_litert`` program can read it (see
@@ -228,7 +231,7 @@ class LiteRTExporter(Exporter):
         if quant:
             extra["quantization"] = {k: quant[k] for k in ("tool", "calib_method",
                                                            "activation_observer",
-                                                           "calib_samples")}
+                                                           "calib_samples", "float_modules")}
         if ioq:
             extra["io_quantization"] = ioq
         m = meta_for(meta, precision, **extra)
