@@ -305,6 +305,35 @@ class TestLiteRTExporter(ExporterContract):
         assert a["parity"]["agreement"] >= 0.97 and a["parity"]["passed"]
         assert a["parity"]["agreement"] > max(t["agreement"] for t in full) + 0.2
 
+    @pytest.mark.slow
+    def test_torchvision_mobile_model_converts_with_parity(self):
+        """MobileNetV3-small (hardswish, squeeze-excite, 1-channel 28 px stem): about 15 s."""
+        from ai_edge_litert.interpreter import Interpreter
+
+        from edgekt.exporters.litert_export import convert
+        from edgekt.models import create_model
+
+        torch.manual_seed(0)
+        net = create_model("mobilenet_v3_small", num_classes=10, in_channels=1, image_size=28)
+        with torch.no_grad():  # non-trivial BatchNorm statistics
+            for _ in range(2):
+                net.train()(torch.randn(16, 1, 28, 28))
+        net.eval()
+        x = torch.randn(4, 1, 28, 28)
+        it = Interpreter(model_content=convert(net, [1, 1, 28, 28]), num_threads=1)
+        it.allocate_tensors()
+        inp, out = it.get_input_details()[0], it.get_output_details()[0]
+        got = []
+        for i in range(len(x)):
+            it.set_tensor(inp["index"], x[i:i + 1].numpy())
+            it.invoke()
+            got.append(it.get_tensor(out["index"]))
+        with torch.no_grad():
+            ref = net(x).numpy()
+        assert np.abs(ref).max() > 1e-3  # a model that outputs something
+        np.testing.assert_allclose(np.concatenate(got), ref, rtol=1e-4,
+                                   atol=1e-5 * np.abs(ref).max())
+
     def test_unsupported_operator_is_named_with_its_module(self):
         from edgekt.exporters.litert_export import convert
 
