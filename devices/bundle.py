@@ -22,7 +22,8 @@ from edgekt.io import atomic_write
 MODULES = (
     "edgekt", "edgekt.errors", "edgekt.io", "edgekt.metadata", "edgekt.registry",
     "edgekt.devices", "edgekt.devices.artifacts", "edgekt.devices.backends",
-    "edgekt.devices.backends.base", "edgekt.devices.preprocess", "edgekt.devices.model",
+    "edgekt.devices.backends.base", "edgekt.devices.backends.amx", "edgekt.devices.preprocess",
+    "edgekt.devices.model",
     "edgekt.devices.fingerprint", "edgekt.devices.profiler", "edgekt.devices.runner",
 )
 """The runner's own modules; every registered backend module is added by :func:`modules`."""

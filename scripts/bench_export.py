@@ -69,6 +69,11 @@ def worker(kind: str, path: str, x_path: str, threads: int, runs: int, config: s
     elif kind == "litert":
         from ai_edge_litert.interpreter import Interpreter
 
+        if json.loads(config).get("xnnpack_amx") is False:  # the export's runtime_config
+            from edgekt.devices.backends.amx import deny_amx
+
+            deny_amx()
+
         it = Interpreter(model_path=path, num_threads=threads)
         it.allocate_tensors()
         inp, out = it.get_input_details()[0], it.get_output_details()[0]
@@ -155,6 +160,15 @@ def bench_model(role: str, ckpt: Path, work: Path, args: argparse.Namespace) -> 
                      "agreement": a["parity"]["agreement"], "bytes": size,
                      **time_in_subprocess(a["runtime"], out / a["file"], x_path, args.threads,
                                           args.runs, a["runtime_config"])})
+        if a["runtime"] == "litert" and a["precision"] == "int8" and cpu_flags().get("amx_int8"):
+            # The export timed XNNPACK's AMX and VNNI kernels and kept the faster; show both.
+            other = {} if a["runtime_config"].get("xnnpack_amx") is False else \
+                {"xnnpack_amx": False}
+            label = "AMX allowed" if not other else "AMX denied"
+            rows.append({**rows[-1], "artifact": f"{a['file']} ({label})",
+                         "alternative": True,
+                         **time_in_subprocess("litert", out / a["file"], x_path, args.threads,
+                                              args.runs, other)})
     return rows
 
 
@@ -177,6 +191,7 @@ def _sample_path(manifest, work: Path, role: str) -> Path:
 
 def recommend(rows: list[dict]) -> list[str]:
     notes = []
+    rows = [r for r in rows if not r.get("alternative")]  # the export's own settings only
     for model in dict.fromkeys(r["model"] for r in rows):
         for rt in dict.fromkeys(r["runtime"] for r in rows if r["runtime"] != "torch"):
             by = {r["precision"]: r for r in rows if r["model"] == model and r["runtime"] == rt}

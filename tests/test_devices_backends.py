@@ -141,6 +141,24 @@ class TestLiteRT(BackendContract):
             backend.run(x.astype(np.float64))
 
 
+def test_tflite_metadata_reader_matches_the_generated_schema(litert_models):
+    """The struct-based reader (no flatbuffers import on the load path) reads what LiteRT's
+    generated schema module reads, and None where the edgekt entry is missing."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    from edgekt.devices.backends.litert import read_tflite_metadata
+
+    for path in (litert_models.classifier, litert_models.nometa):
+        data = path.read_bytes()
+        m = schema.Model.GetRootAs(data, 0)
+        want = next((m.Buffers(m.Metadata(i).Buffer()).DataAsNumpy().tobytes().decode()
+                     for i in range(m.MetadataLength()) if m.Metadata(i).Name() == b"edgekt"),
+                    None)
+        assert read_tflite_metadata(data) == want
+        assert read_tflite_metadata(data, key="other") is None
+    assert read_tflite_metadata(litert_models.classifier.read_bytes()) is not None
+
+
 def test_aliases_and_unknown_names():
     assert canonical_name("ORT") == "onnxruntime" and canonical_name("ov") == "openvino"
     assert canonical_name("tflite") == "litert"

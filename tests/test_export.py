@@ -200,13 +200,13 @@ class TestLiteRTExporter(ExporterContract):
                 preds = []
                 for i in range(len(x)):
                     xi = x[i:i + 1]
-                    if io:
+                    if io and io["input"]["dtype"] == "int8":
                         q = io["input"]
                         xi = np.clip(np.round(xi / q["scale"]) + q["zero_point"], -128, 127)
                     it.set_tensor(inp["index"], xi.astype(inp["dtype"]))
                     it.invoke()
                     y = it.get_tensor(out["index"]).astype(np.float32)
-                    if io:
+                    if io and io["output"]["dtype"] == "int8":  # a float head: float out
                         y = (y - io["output"]["zero_point"]) * io["output"]["scale"]
                     preds.append(meta["labels"][int(y.argmax())])
                 result[meta["precision"]] = preds
@@ -223,18 +223,116 @@ class TestLiteRTExporter(ExporterContract):
             assert model.artifact.path.suffix == ".tflite"
             assert plain[precision] == model.predict(raw)
 
+    def test_xnnpack_amx_off_changes_kernels_not_outputs(self, package, fashion_splits):
+        """``xnnpack_amx: false`` (a seccomp filter, so each setting in its own process) gives
+        bit-identical INT8 outputs; the export timed both and recorded the faster one."""
+        from edgekt.devices.backends.amx import cpu_has_amx
+        from edgekt.exporters.litert_export import AMX_GAIN
+
+        a = package.artifact("litert", "int8")
+        path = package.path.parent / a["file"]
+        script = textwrap.dedent("""
+            import ctypes, json, sys
+            import numpy as np
+            from edgekt.devices.backends import open_backend
+            b = open_backend(sys.argv[1], "litert", threads=1, config=json.loads(sys.argv[2]))
+            out = b.run(np.load(sys.argv[3]))[0]
+            libc = ctypes.CDLL(None, use_errno=True)
+            rc = libc.syscall(158, 0x1023, 18)  # arch_prctl(ARCH_REQ_XCOMP_PERM, XTILEDATA)
+            print(json.dumps({"out": out.tolist(), "amx": b.settings()["xnnpack_amx"],
+                              "req": [rc, ctypes.get_errno()], "torch": "torch" in sys.modules}))
+        """)
+        from edgekt.exporters.calib import normalised
+
+        x = normalised(fashion_splits.test.subset(torch.arange(20)), fashion_splits.info)
+        np.save(package.path.parent / "x20.npy", x)
+        runs = {}
+        for key, config in (("default", {}), ("off", {"xnnpack_amx": False})):
+            res = subprocess.run([sys.executable, "-c", script, str(path), json.dumps(config),
+                                  str(package.path.parent / "x20.npy")], capture_output=True,
+                                 text=True, timeout=120)
+            assert res.returncode == 0, res.stderr
+            runs[key] = json.loads(res.stdout.strip().splitlines()[-1])
+        assert runs["default"]["out"] == runs["off"]["out"]
+        assert not runs["off"]["torch"] and runs["default"]["amx"] == "default"
+        probe = a["quantization"].get("xnnpack_amx_probe")
+        if cpu_has_amx():
+            assert runs["off"]["amx"] == "off" and runs["off"]["req"] == [-1, 1]  # EPERM
+            assert probe["default_us"] > 0 and probe["off_us"] > 0
+            faster = probe["off_us"] < AMX_GAIN * probe["default_us"]
+            assert a["runtime_config"] == ({"xnnpack_amx": False} if faster else {})
+        else:
+            assert runs["off"]["amx"] == "off (this CPU has no AMX)"
+            assert probe is None and a["runtime_config"] == {}
+        from edgekt.devices.backends import open_backend
+
+        with pytest.raises(EdgektError, match="'xnnpack_amx' must be true or false"):
+            open_backend(path, "litert", config={"xnnpack_amx": "no"})
+
     def test_max_drop_fails_with_the_tries_listed(self, tiny_checkpoint, fashion_splits,
                                                   tmp_path):
         from _export_support import outlier_checkpoint
 
         hostile = outlier_checkpoint(tiny_checkpoint, tmp_path / "outlier.pt")
         out = tmp_path / "p"
+        # max_float_fraction 0 (no float layers allowed) keeps this test at two conversions.
         with pytest.raises(EdgektError, match=r"(?s)INT8 \(LiteRT\) cannot meet --max-drop 1.0 "
-                                              r"pt.*MinMaxObserver.*HistogramObserver"):
+                                              r"pt.*keeping up to 0 of.*MinMaxObserver, float -: "
+                                              r"val acc.*HistogramObserver, float -: val acc"):
             export_package(hostile, out, targets=["litert"], precisions=["int8"],
                            splits=fashion_splits, val_samples=N_VAL, test_samples=N_VAL,
-                           calib_samples=100, max_drop=1.0, threads=1)
+                           calib_samples=100, max_drop=1.0, max_float_fraction=0.0, threads=1)
         assert not out.exists()
+
+    def test_max_drop_keeps_the_sensitive_layer_in_float(self, tiny_checkpoint, fashion_splits,
+                                                         tmp_path):
+        """A class bias of -1000 (a class never predicted) stretches the int8 logits' range
+        until the other classes share a few levels; keeping the head in float restores them."""
+        from edgekt.checkpoint import load_checkpoint, save_checkpoint
+
+        ckpt = load_checkpoint(tiny_checkpoint)
+        ckpt["model"]["state_dict"]["head.bias"][9] -= 1000.0
+        hostile = tmp_path / "head.pt"
+        save_checkpoint(hostile, ckpt)
+        manifest = export_package(hostile, tmp_path / "p", targets=["litert"],
+                                  precisions=["int8"], splits=fashion_splits, val_samples=N_VAL,
+                                  test_samples=N_VAL, calib_samples=100, max_drop=1.0, threads=1)
+        a = manifest.artifact("litert", "int8")
+        q = a["quantization"]
+        full = [t for t in q["tries"] if not t["float_modules"]]
+        assert len(full) == 2 and all(t["drop_pt"] > 1.0 for t in full)
+        assert q["float_modules"] == ["head"] and q["io"] == "int8 in, float32 out"
+        assert a["parity"]["agreement"] >= 0.97 and a["parity"]["passed"]
+        assert a["parity"]["agreement"] > max(t["agreement"] for t in full) + 0.2
+
+    @pytest.mark.slow
+    def test_torchvision_mobile_model_converts_with_parity(self):
+        """MobileNetV3-small (hardswish, squeeze-excite, 1-channel 28 px stem): about 15 s."""
+        from ai_edge_litert.interpreter import Interpreter
+
+        from edgekt.exporters.litert_export import convert
+        from edgekt.models import create_model
+
+        torch.manual_seed(0)
+        net = create_model("mobilenet_v3_small", num_classes=10, in_channels=1, image_size=28)
+        with torch.no_grad():  # non-trivial BatchNorm statistics
+            for _ in range(2):
+                net.train()(torch.randn(16, 1, 28, 28))
+        net.eval()
+        x = torch.randn(4, 1, 28, 28)
+        it = Interpreter(model_content=convert(net, [1, 1, 28, 28]), num_threads=1)
+        it.allocate_tensors()
+        inp, out = it.get_input_details()[0], it.get_output_details()[0]
+        got = []
+        for i in range(len(x)):
+            it.set_tensor(inp["index"], x[i:i + 1].numpy())
+            it.invoke()
+            got.append(it.get_tensor(out["index"]))
+        with torch.no_grad():
+            ref = net(x).numpy()
+        assert np.abs(ref).max() > 1e-3  # a model that outputs something
+        np.testing.assert_allclose(np.concatenate(got), ref, rtol=1e-4,
+                                   atol=1e-5 * np.abs(ref).max())
 
     def test_unsupported_operator_is_named_with_its_module(self):
         from edgekt.exporters.litert_export import convert
