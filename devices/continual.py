@@ -362,19 +362,36 @@ class MLPHead:
         twin.stats = self.stats.copy()
         return twin
 
-    def learn(self, z: np.ndarray, y: np.ndarray, lr: float) -> None:
-        """One SGD step of class-balanced cross-entropy through both layers."""
-        x, h, logits = self._forward(z)
+    def learn(self, z: np.ndarray, y: np.ndarray, lr: float,
+              head_rows: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+        """One SGD step of class-balanced cross-entropy through both layers.
+
+        ``head_rows``: standardised inputs and hidden activations of the first rows of ``z``,
+        already computed with these very weights and statistics (the learner's prequential
+        forward pass), so they are not computed twice.
+        """
+        if head_rows is None:
+            x, h, logits = self._forward(z)
+        else:
+            n = len(head_rows[0])
+            x_rest = self._input(z[n:])
+            x = np.concatenate([head_rows[0], x_rest])
+            h = np.concatenate([head_rows[1], np.maximum(x_rest @ self.w1 + self.b1, 0.0)])
+            logits = h @ self.w2.T + self.b2
         g, _ = _softmax_xent(logits, y)
         g[np.arange(len(y)), y] -= 1.0
         classes, inverse, counts = np.unique(y, return_inverse=True, return_counts=True)
         g *= (1.0 / (len(classes) * counts))[inverse][:, None]
         gh = g @ self.w2
         gh[h <= 0.0] = 0.0
-        # New arrays, not in-place updates: a clone shares its parent's weights.
+        # New arrays, not in-place updates (a clone shares its parent's weights); the first
+        # layer's step is scaled and subtracted inside its own gradient buffer, so the 400 KB
+        # layer costs one allocation per step, not three.
         self.w2 = self.w2 - lr * (g.T @ h)
         self.b2 = self.b2 - lr * g.sum(axis=0)
-        self.w1 = self.w1 - lr * (x.T @ gh)
+        step = x.T @ gh
+        step *= lr
+        self.w1 = np.subtract(self.w1, step, out=step)
         self.b1 = self.b1 - lr * gh.sum(axis=0)
 
     def on_drift(self, window: int) -> None:
@@ -681,8 +698,14 @@ class ContinualLearner:
         res.accepted = len(y)
         self.counters["samples"] += len(y)
         # Prequential errors: how the current head does on samples it has not learnt yet.
+        head_rows = None
         if known_before:
-            wrong = self.head.logits(z).argmax(axis=1) != y
+            if isinstance(self.head, MLPHead):
+                x_new, h_new, logits = self.head._forward(z)
+                head_rows = (x_new, h_new, self.head.input_key())
+            else:
+                logits = self.head.logits(z)
+            wrong = logits.argmax(axis=1) != y
             res.errors = int(wrong.sum())
             if self.detector is not None:
                 for err in wrong.tolist():
@@ -706,10 +729,17 @@ class ContinualLearner:
             self._candidate_preds = None
             candidate = self.head.clone()
             candidate.see(z)
-            for extra in replay:
+            for step, extra in enumerate(replay):
                 zs, ys = (z, y) if extra is None else (np.concatenate([z, extra[0]]),
                                                       np.concatenate([y, extra[1]]))
-                candidate.learn(zs, ys, self.config.lr / 4 ** attempt)
+                lr = self.config.lr / 4 ** attempt
+                if step == 0 and head_rows is not None \
+                        and head_rows[2] == candidate.input_key():
+                    # The first step starts from the current weights: reuse the prequential
+                    # pass over the new samples (same inputs, same weights).
+                    candidate.learn(zs, ys, lr, head_rows=head_rows[:2])
+                else:
+                    candidate.learn(zs, ys, lr)
             reason = self._judge(candidate, known_before)
             if not reason:
                 break
