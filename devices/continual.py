@@ -175,6 +175,20 @@ class SoftmaxHead:
     def logits(self, z: np.ndarray) -> np.ndarray:
         return z @ self.weight.T + self.bias
 
+    def prepare(self, z: np.ndarray) -> np.ndarray:
+        """What :meth:`logits_prepared` takes (here the embeddings themselves)."""
+        return z
+
+    def logits_prepared(self, x: np.ndarray) -> np.ndarray:
+        return self.logits(x)
+
+    def input_key(self) -> float:
+        """Changes whenever :meth:`prepare` would map an embedding differently."""
+        return 0.0
+
+    def clone(self) -> SoftmaxHead:
+        return copy.deepcopy(self)
+
     def learn(self, z: np.ndarray, y: np.ndarray, lr: float) -> None:
         """One SGD step of class-balanced cross-entropy on (z, y).
 
@@ -229,6 +243,15 @@ class NCMHead:
         scores = 2.0 * z @ means.T - (means * means).sum(axis=1)
         scores[:, self.counts == 0] = -np.inf
         return scores
+
+    prepare = SoftmaxHead.prepare
+    input_key = SoftmaxHead.input_key
+
+    def logits_prepared(self, x: np.ndarray) -> np.ndarray:
+        return self.logits(x)
+
+    def clone(self) -> NCMHead:
+        return copy.deepcopy(self)
 
     def learn(self, z: np.ndarray, y: np.ndarray, lr: float) -> None:
         np.add.at(self.sums, y, z)
@@ -320,19 +343,56 @@ class MLPHead:
     def logits(self, z: np.ndarray) -> np.ndarray:
         return self._forward(z)[2]
 
-    def learn(self, z: np.ndarray, y: np.ndarray, lr: float) -> None:
-        """One SGD step of class-balanced cross-entropy through both layers."""
-        x, h, logits = self._forward(z)
+    def prepare(self, z: np.ndarray) -> np.ndarray:
+        """Standardised inputs (what :meth:`logits_prepared` takes)."""
+        return self._input(z)
+
+    def logits_prepared(self, x: np.ndarray) -> np.ndarray:
+        return np.maximum(x @ self.w1 + self.b1, 0.0) @ self.w2.T + self.b2
+
+    def input_key(self) -> float:
+        """Samples folded into the input statistics (they freeze after the first N)."""
+        return float(self.stats[0, 0])
+
+    def clone(self) -> MLPHead:
+        """A candidate to train: ``learn`` rebinds the weights, so they are shared, not copied
+        (the 400 KB first layer would otherwise be copied on every update); ``see`` updates
+        the statistics in place, so they are copied."""
+        twin = copy.copy(self)
+        twin.stats = self.stats.copy()
+        return twin
+
+    def learn(self, z: np.ndarray, y: np.ndarray, lr: float,
+              head_rows: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+        """One SGD step of class-balanced cross-entropy through both layers.
+
+        ``head_rows``: standardised inputs and hidden activations of the first rows of ``z``,
+        already computed with these very weights and statistics (the learner's prequential
+        forward pass), so they are not computed twice.
+        """
+        if head_rows is None:
+            x, h, logits = self._forward(z)
+        else:
+            n = len(head_rows[0])
+            x_rest = self._input(z[n:])
+            x = np.concatenate([head_rows[0], x_rest])
+            h = np.concatenate([head_rows[1], np.maximum(x_rest @ self.w1 + self.b1, 0.0)])
+            logits = h @ self.w2.T + self.b2
         g, _ = _softmax_xent(logits, y)
         g[np.arange(len(y)), y] -= 1.0
         classes, inverse, counts = np.unique(y, return_inverse=True, return_counts=True)
         g *= (1.0 / (len(classes) * counts))[inverse][:, None]
         gh = g @ self.w2
         gh[h <= 0.0] = 0.0
-        self.w2 -= lr * (g.T @ h)
-        self.b2 -= lr * g.sum(axis=0)
-        self.w1 -= lr * (x.T @ gh)
-        self.b1 -= lr * gh.sum(axis=0)
+        # New arrays, not in-place updates (a clone shares its parent's weights); the first
+        # layer's step is scaled and subtracted inside its own gradient buffer, so the 400 KB
+        # layer costs one allocation per step, not three.
+        self.w2 = self.w2 - lr * (g.T @ h)
+        self.b2 = self.b2 - lr * g.sum(axis=0)
+        step = x.T @ gh
+        step *= lr
+        self.w1 = np.subtract(self.w1, step, out=step)
+        self.b1 = self.b1 - lr * gh.sum(axis=0)
 
     def on_drift(self, window: int) -> None:
         """Nothing to reset: the replay buffer restart does the adapting."""
@@ -412,6 +472,9 @@ class ContinualLearner:
         # (known classes, prediction per buffer slot or -1): derived, never saved.
         self._pred_cache: tuple[int, np.ndarray] | None = None
         self._candidate_preds: tuple[int, np.ndarray, np.ndarray] | None = None
+        # (head input key, holdout slots, their prepared inputs, still valid): derived, never
+        # saved; rows are dropped when ``buffer.add`` rewrites their slot.
+        self._holdout_cache: tuple[float, np.ndarray, np.ndarray, np.ndarray] | None = None
         self.dim = dim or getattr(embedder, "embedding_dim", None)
         state = load_state(self.state_path) if self.state_path is not None else None
         if state is not None:
@@ -433,6 +496,7 @@ class ContinualLearner:
 
     def _allocate(self, dim: int) -> None:
         self.dim = dim
+        self._holdout_cache = None
         self.head = self._new_head(dim)
         self.head.grow(len(self.labels))
         if self.config.buffer_bytes:
@@ -634,8 +698,14 @@ class ContinualLearner:
         res.accepted = len(y)
         self.counters["samples"] += len(y)
         # Prequential errors: how the current head does on samples it has not learnt yet.
+        head_rows = None
         if known_before:
-            wrong = self.head.logits(z).argmax(axis=1) != y
+            if isinstance(self.head, MLPHead):
+                x_new, h_new, logits = self.head._forward(z)
+                head_rows = (x_new, h_new, self.head.input_key())
+            else:
+                logits = self.head.logits(z)
+            wrong = logits.argmax(axis=1) != y
             res.errors = int(wrong.sum())
             if self.detector is not None:
                 for err in wrong.tolist():
@@ -657,12 +727,19 @@ class ContinualLearner:
         self._candidate_preds = None
         for attempt in range(self.config.guard_backoff + 1):
             self._candidate_preds = None
-            candidate = copy.deepcopy(self.head)
+            candidate = self.head.clone()
             candidate.see(z)
-            for extra in replay:
+            for step, extra in enumerate(replay):
                 zs, ys = (z, y) if extra is None else (np.concatenate([z, extra[0]]),
                                                       np.concatenate([y, extra[1]]))
-                candidate.learn(zs, ys, self.config.lr / 4 ** attempt)
+                lr = self.config.lr / 4 ** attempt
+                if step == 0 and head_rows is not None \
+                        and head_rows[2] == candidate.input_key():
+                    # The first step starts from the current weights: reuse the prequential
+                    # pass over the new samples (same inputs, same weights).
+                    candidate.learn(zs, ys, lr, head_rows=head_rows[:2])
+                else:
+                    candidate.learn(zs, ys, lr)
             reason = self._judge(candidate, known_before)
             if not reason:
                 break
@@ -684,8 +761,37 @@ class ContinualLearner:
             self.buffer.add(z, y)
             if self._pred_cache is not None:
                 self._pred_cache[1][self.buffer.last_written] = -1
+            if self._holdout_cache is not None and len(self.buffer.last_written):
+                _, cached, _, valid = self._holdout_cache
+                pos = np.minimum(np.searchsorted(cached, self.buffer.last_written),
+                                 max(len(cached) - 1, 0))
+                if len(cached):
+                    valid[pos[cached[pos] == self.buffer.last_written]] = False
 
-    def _holdout_predictions(self, idx: np.ndarray, zh: np.ndarray, known: int) -> np.ndarray:
+    def _holdout_inputs(self, head: Head, idx: np.ndarray) -> np.ndarray:
+        """``head.prepare`` of the latents in holdout slots ``idx`` (sorted), cached per slot.
+
+        Decoding int8 latents and standardising them cost about as much as the guard's
+        forward pass; a slot only changes by ``buffer.add`` and the preparation only while
+        the mlp head's input statistics are still being estimated (``input_key``).
+        """
+        assert self.buffer is not None
+        key = head.input_key()
+        x = np.empty((len(idx), self.dim or 0), np.float32)
+        miss = np.ones(len(idx), bool)
+        if self._holdout_cache is not None and self._holdout_cache[0] == key \
+                and len(self._holdout_cache[1]):
+            _, cached, cx, valid = self._holdout_cache
+            pos = np.minimum(np.searchsorted(cached, idx), len(cached) - 1)
+            hit = (cached[pos] == idx) & valid[pos]
+            x[hit] = cx[pos[hit]]
+            miss = ~hit
+        if miss.any():
+            x[miss] = head.prepare(self.buffer._decode(idx[miss]))
+        self._holdout_cache = (key, idx, x, np.ones(len(idx), bool))
+        return x
+
+    def _holdout_predictions(self, idx: np.ndarray, known: int) -> np.ndarray:
         """The current head's predictions among ``known`` classes on holdout slots ``idx``.
 
         Cached per slot: the head only changes by accepting a candidate, whose predictions the
@@ -698,7 +804,8 @@ class ContinualLearner:
         preds = self._pred_cache[1]
         todo = preds[idx] < 0
         if todo.any():
-            preds[idx[todo]] = self.head.logits(zh[todo])[:, :known].argmax(axis=1)
+            zh = self.buffer._decode(idx[todo])
+            preds[idx[todo]] = self.head.logits(zh)[:, :known].argmax(axis=1)
         return preds[idx]
 
     def _judge(self, candidate: Head, known_before: int) -> str:
@@ -708,15 +815,17 @@ class ContinualLearner:
             return "candidate head has NaN/inf weights"
         if not self.config.guard or self.buffer is None or not known_before:
             return ""
-        idx, zh, yh = self.buffer.holdout_slots()
+        idx = np.flatnonzero(self.buffer.holdout[: self.buffer.size])
+        yh = self.buffer.labels[idx].astype(np.int64)
         old = yh < known_before
         if old.sum() < self.config.guard_min_holdout:
             return ""
-        idx, zh, yh = idx[old], zh[old], yh[old]
+        idx, yh = idx[old], yh[old]
         # Accuracy among the known classes only: a new class must be allowed to take its
         # share of the predictions (that is learning it), but not to blur the known ones.
-        pred_after = candidate.logits(zh)[:, :known_before].argmax(axis=1)
-        before = float((self._holdout_predictions(idx, zh, known_before) == yh).mean())
+        xh = self._holdout_inputs(candidate, idx)
+        pred_after = candidate.logits_prepared(xh)[:, :known_before].argmax(axis=1)
+        before = float((self._holdout_predictions(idx, known_before) == yh).mean())
         after = float((pred_after == yh).mean())
         self._candidate_preds = (known_before, idx, pred_after)
         if after < before - self.config.guard_tolerance:
@@ -798,6 +907,7 @@ class ContinualLearner:
             if self.buffer is not None:
                 self.buffer.set_state(part["buffer"], meta["buffer"])
             self._pred_cache = None
+            self._holdout_cache = None
         if self.detector is not None and "drift" in meta:
             self.detector.set_state(part["drift"], meta["drift"])
         log.info("resumed continual state generation %d from %s (%d labels, %d samples)",

@@ -168,39 +168,39 @@ class ADWIN(DriftDetector):
         if not self.levels[last] and last > 0:
             self.levels.pop()
 
-    def _cut(self, n0: float, n1: float, delta_mean: float) -> bool:
-        m = self.min_window_length
-        delta_prime = math.log(2.0 * math.log(self.width) / self.delta)
-        m_recip = 1.0 / (n0 - m + 1.0) + 1.0 / (n1 - m + 1.0)
-        eps = (math.sqrt(2.0 * m_recip * (self.variance / self.width) * delta_prime)
-               + 2.0 / 3.0 * delta_prime * m_recip)
-        return abs(delta_mean) > eps
-
     def _detect(self) -> bool:
         self.tick += 1
         if self.tick % self.clock or self.width <= self.grace_period:
             return False
         detected, shrink = False, True
+        m = self.min_window_length
         while shrink:
             shrink = False
             n0, n1, u0, u1 = 0.0, self.width, 0.0, self.total
+            # Hoeffding/Bernstein bound; its window terms are hoisted out of the scan (this
+            # loop runs in the device learner's update, on every batch).
+            delta_prime = math.log(2.0 * math.log(self.width) / self.delta)
+            var_w, dp23 = self.variance / self.width, 2.0 / 3.0 * delta_prime
             # Scan cut points from the oldest bucket to the newest (the newest is never a cut).
             for i in range(len(self.levels) - 1, -1, -1):
                 size = float(2 ** i)
                 level = self.levels[i]
+                last = len(level) - 1 if i == 0 else -1
                 for k, (t, _) in enumerate(level):
                     n0 += size
                     n1 -= size
                     u0 += t
                     u1 -= t
-                    if i == 0 and k == len(level) - 1:
+                    if k == last:
                         break
-                    if (n1 >= self.min_window_length and n0 >= self.min_window_length
-                            and self._cut(n0, n1, u0 / n0 - u1 / n1)):
-                        shrink = detected = True
-                        if self.width > 0:
-                            self._drop_oldest()
-                        break
+                    if n1 >= m and n0 >= m:
+                        m_recip = 1.0 / (n0 - m + 1.0) + 1.0 / (n1 - m + 1.0)
+                        eps = math.sqrt(2.0 * m_recip * var_w * delta_prime) + dp23 * m_recip
+                        if abs(u0 / n0 - u1 / n1) > eps:
+                            shrink = detected = True
+                            if self.width > 0:
+                                self._drop_oldest()
+                            break
                 if shrink:
                     break
         return detected

@@ -91,41 +91,50 @@ class ReplayBuffer:
             return self.latents[idx].astype(np.float32) * self.scales[idx, None]
         return self.latents[idx]
 
-    def _random_slot_of(self, cls: int) -> int:
+    def _random_slot_of(self, cls: int, n_classes: int) -> int:
         # Rejection sampling in one vectorised draw: cls is a largest class here, so about
         # 1/n_classes of the draws hit it; fall back to a scan in the unlikely miss.
-        n_classes = int(np.count_nonzero(self.counts))
         cand = self.rng.integers(self.size, size=8 * n_classes + 8)
-        hits = cand[self.labels[cand] == cls]
+        hits = np.flatnonzero(self.labels[cand] == cls)
         if len(hits):
-            return int(hits[0])
+            return int(cand[hits[0]])
         return int(self.rng.choice(np.flatnonzero(self.labels[: self.size] == cls)))
 
     def add(self, z: np.ndarray, y: np.ndarray) -> int:
         """Offer samples ``z`` (n, dim) with class indices ``y``; returns how many were stored."""
-        if self.capacity == 0:
+        cap = self.capacity
+        if cap == 0:
             return 0
         if int(np.max(y, initial=0)) >= len(self.seen):
             raise EdgektError(f"ReplayBuffer: class index {int(np.max(y))} >= max_classes "
                               f"{len(self.seen)}; create the learner with a larger max_classes")
+        # This loop runs on every device update: attributes are bound to locals, the number
+        # of classes present is kept up to date instead of recounted, and the random draws
+        # are the same, in the same order, as the plain version's.
+        seen, counts, labels, holdout = self.seen, self.counts, self.labels, self.holdout
+        rand, frac = self.rng.random, self.holdout_fraction
+        n_classes = int(np.count_nonzero(counts))
         written: dict[int, int] = {}  # slot -> row of z (a slot written twice keeps the last)
         for row, c in enumerate(y.tolist()):
-            self.seen[c] += 1
-            if self.size < self.capacity:
+            seen[c] += 1
+            if self.size < cap:
                 slot = self.size
                 self.size += 1
             else:
-                largest = int(self.counts.argmax())
-                if self.counts[c] < self.counts[largest]:
-                    slot = self._random_slot_of(largest)
-                elif self.rng.random() * self.seen[c] < self.counts[c]:
-                    slot = self._random_slot_of(c)
+                largest = int(counts.argmax())
+                if counts[c] < counts[largest]:
+                    slot = self._random_slot_of(largest, n_classes)
+                elif rand() * seen[c] < counts[c]:
+                    slot = self._random_slot_of(c, n_classes)
                 else:
                     continue
-                self.counts[self.labels[slot]] -= 1
-            self.labels[slot] = c
-            self.counts[c] += 1
-            self.holdout[slot] = self.rng.random() < self.holdout_fraction
+                old = labels[slot]
+                counts[old] -= 1
+                n_classes -= int(counts[old] == 0)
+            labels[slot] = c
+            n_classes += int(counts[c] == 0)
+            counts[c] += 1
+            holdout[slot] = rand() < frac
             written.pop(slot, None)
             written[slot] = row
         slots = np.fromiter(written.keys(), np.int64, len(written))
