@@ -30,4 +30,6 @@ PY=${PYTHON:-python3}
 .venv/bin/python -m pip install -q "litert-torch>=0.10,<0.11" "pydantic<2.12" "typing-extensions<4.13"
 
 export OMP_WAIT_POLICY=PASSIVE
-exec .venv/bin/python -m pytest -q "$@"
+# Two workers (pytest-xdist), one per core of the 2-core CI machine; each test file stays on one
+# worker so its module fixtures are built once. EDGEKT_TEST_WORKERS=0 runs serially.
+exec .venv/bin/python -m pytest -q -n "${EDGEKT_TEST_WORKERS:-2}" --dist loadfile "$@"

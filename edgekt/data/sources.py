@@ -6,12 +6,14 @@ import gzip
 import os
 import shutil
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import torch
 
 from edgekt.data.registry import DATASETS
 from edgekt.errors import EdgektError
+from edgekt.io import atomic_write
 
 Raw = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[str]]
 """train images (N,C,H,W uint8), train targets, test images, test targets, class names."""
@@ -45,6 +47,11 @@ def _find_fashion_dir(data_dir: str | None) -> Path:
     )
 
 
+def _copy(fin: IO[bytes], fout: IO[bytes]) -> None:
+    with fin:
+        shutil.copyfileobj(fin, fout)
+
+
 def _unpack_to_torchvision_layout(src: Path) -> Path:
     """torchvision's reader wants the four files unpacked under ROOT/FashionMNIST/raw."""
     root = cache_dir() / "torchvision"
@@ -54,13 +61,12 @@ def _unpack_to_torchvision_layout(src: Path) -> Path:
         dst = raw / name
         if dst.is_file():
             continue
-        tmp = raw / f".{name}.tmp"
+        # A unique temp file per writer: parallel processes (pytest-xdist workers, two
+        # trainings) may unpack the same file at once.
         if (src / name).is_file():
-            shutil.copyfile(src / name, tmp)
+            atomic_write(dst, lambda f, s=src / name: _copy(open(s, "rb"), f))
         else:
-            with gzip.open(src / f"{name}.gz", "rb") as fin, open(tmp, "wb") as fout:
-                shutil.copyfileobj(fin, fout)
-        os.replace(tmp, dst)
+            atomic_write(dst, lambda f, s=src / f"{name}.gz": _copy(gzip.open(s, "rb"), f))
     return root
 
 
