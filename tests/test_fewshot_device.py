@@ -472,7 +472,8 @@ def test_cli_train_and_eval(tmp_path):
     report = json.loads(res.stdout)
     rows = report["results"]["torch"]
     assert [r["k_shot"] for r in rows] == [1, 5] and all(r["n_way"] == 4 for r in rows)
-    assert all(0.25 < r["acc"] <= 1 for r in rows)
+    # 4-way, chance 0.25; one epoch on 600 images reached 0.46 / 0.54 (1 / 5 shots).
+    assert rows[0]["acc"] > 0.35 and rows[1]["acc"] > max(0.4, rows[0]["acc"])
     assert set(report["open_set"]) == {"normalized", "distance"}
     assert all(r["novel"]["n_unknown"] > 0 for r in report["open_set"].values())
     res = runner.invoke(app, ["fewshot", "train", str(cfg), "--set", "data.classes=null"])
