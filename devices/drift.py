@@ -10,6 +10,7 @@ does). Each detector turns its full state into arrays + JSON-able meta (``get_st
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -28,6 +29,13 @@ class DriftDetector:
     def update(self, x: float) -> bool:
         """Add ``x``; True when a change is detected at this value."""
         raise NotImplementedError
+
+    def update_many(self, xs: Iterable[float]) -> bool:
+        """Add the values in order; True when a change was detected at any of them."""
+        detected = False
+        for x in xs:
+            detected |= self.update(x)
+        return detected
 
     def get_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """(arrays, meta) that :meth:`set_state` restores exactly."""
@@ -135,6 +143,34 @@ class ADWIN(DriftDetector):
         self.drift_detected = self._detect()
         return self.drift_detected
 
+    def update_many(self, xs: Iterable[float]) -> bool:
+        """As ``update`` on each value, with the per-value work inlined (this runs on every
+        batch of the device learner): the full scan still runs every ``clock`` values."""
+        detected = False
+        clock, grace, full = self.clock, self.grace_period, self.max_buckets + 1
+        for x in xs:
+            if self.drift_detected:
+                self._reset()
+            # _insert, inlined
+            x = float(x)
+            level0 = self.levels[0]
+            level0.append([x, 0.0])
+            self.width += 1.0
+            if self.width > 1.0:
+                d = x - self.total / (self.width - 1.0)
+                self.variance += (self.width - 1.0) * d * d / self.width
+            self.total += x
+            if len(level0) == full:
+                self._compress()
+            self.tick += 1
+            if self.tick % clock or self.width <= grace:
+                self.drift_detected = False
+            else:
+                self.tick -= 1  # _detect counts this value itself
+                self.drift_detected = self._detect()
+                detected |= self.drift_detected
+        return detected
+
     def _insert(self, x: float) -> None:
         self.levels[0].append([x, 0.0])
         self.width += 1.0
@@ -142,6 +178,9 @@ class ADWIN(DriftDetector):
             d = x - self.total / (self.width - 1.0)
             self.variance += (self.width - 1.0) * d * d / self.width
         self.total += x
+        self._compress()
+
+    def _compress(self) -> None:
         i = 0
         while len(self.levels[i]) == self.max_buckets + 1:
             (t0, v0), (t1, v1) = self.levels[i][0], self.levels[i][1]
