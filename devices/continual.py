@@ -321,7 +321,9 @@ class MLPHead:
     def see(self, z: np.ndarray) -> None:
         """Fold new (never replayed) samples into the input statistics until they freeze."""
         n0 = float(self.stats[0, 0])
-        take = z[: max(0, int(self.standardize_samples - n0))].astype(np.float64)
+        if n0 >= self.standardize_samples:
+            return
+        take = z[: int(self.standardize_samples - n0)].astype(np.float64)
         if not len(take):
             return
         # Chan et al.'s parallel update of (count, mean, M2) by a batch.
@@ -377,8 +379,14 @@ class MLPHead:
         (the 400 KB first layer would otherwise be copied on every update); ``see`` updates
         the statistics in place, so they are copied."""
         twin = copy.copy(self)
-        twin.stats = self.stats.copy()
+        if not self.frozen:
+            twin.stats = self.stats.copy()
         return twin
+
+    @property
+    def frozen(self) -> bool:
+        """Whether the input statistics are final (``see`` no longer changes them)."""
+        return self.stats[0, 0] >= self.standardize_samples
 
     def learn(self, z: np.ndarray, y: np.ndarray, lr: float,
               head_rows: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> None:
@@ -733,18 +741,18 @@ class ContinualLearner:
         if self.label_kind is None:
             self.label_kind = self._label_kind(labels[0])
         index = {name: i for i, name in enumerate(self.labels)}
-        out = np.empty(len(labels), np.int64)
-        for i, label in enumerate(labels):
+        out = []
+        for label in labels:
             key = str(label)
             if key not in index:
                 if len(self.labels) >= self.config.max_classes:
-                    out[i] = -1
+                    out.append(-1)
                     continue
                 index[key] = len(self.labels)
                 self.labels.append(key)
                 res.new_labels.append(key)
-            out[i] = index[key]
-        return out
+            out.append(index[key])
+        return np.array(out, np.int64)
 
     def _update(self, z: np.ndarray, labels: list[Any], positions: list[int],
                 res: ObserveResult) -> None:
@@ -865,11 +873,12 @@ class ContinualLearner:
         if self._pred_cache is None or self._pred_cache[0] != known:
             self._pred_cache = (known, np.full(self.buffer.capacity, -1, np.int16))
         preds = self._pred_cache[1]
-        todo = preds[idx] < 0
-        if todo.any():
-            zh = self.buffer._decode(idx[todo])
-            preds[idx[todo]] = self.head.logits(zh)[:, :known].argmax(axis=1)
-        return preds[idx]
+        out = preds[idx]
+        todo = idx[out < 0]
+        if len(todo):
+            preds[todo] = self.head.logits(self.buffer._decode(todo))[:, :known].argmax(axis=1)
+            out = preds[idx]
+        return out
 
     def _judge(self, candidate: Head, known_before: int) -> str:
         """Empty if the candidate may replace the head, else why not."""
@@ -878,15 +887,14 @@ class ContinualLearner:
             return "candidate head has NaN/inf weights"
         if not self.config.guard or self.buffer is None or not known_before:
             return ""
-        idx = np.flatnonzero(self.buffer.holdout[: self.buffer.size])
-        yh = self.buffer.labels[idx].astype(np.int64)
-        old = yh < known_before
-        if old.sum() < self.config.guard_min_holdout:
+        size, labels = self.buffer.size, self.buffer.labels
+        idx = np.flatnonzero(self.buffer.holdout[:size] & (labels[:size] < known_before))
+        if len(idx) < self.config.guard_min_holdout:
             return ""
         # Accuracy among the known classes only: a new class must be allowed to take its
         # share of the predictions (that is learning it), but not to blur the known ones.
-        idx, xh = self._holdout_inputs(candidate, idx[old])
-        yh = self.buffer.labels[idx]
+        idx, xh = self._holdout_inputs(candidate, idx)
+        yh = labels[idx]
         pred_after = candidate.logits_prepared(xh)[:, :known_before].argmax(axis=1)
         before = float((self._holdout_predictions(idx, known_before) == yh).mean())
         after = float((pred_after == yh).mean())
