@@ -307,6 +307,9 @@ class MLPHead:
         self.stats = np.zeros((3, dim), np.float64)  # count (broadcast), mean, M2
         self.standardize_samples = standardize_samples
         self._scale_cache: tuple[np.ndarray, np.ndarray] | None = None
+        self.steps: list[tuple[np.ndarray, np.ndarray, float]] = []
+        """(inputs, hidden-layer gradient, lr) of each ``learn`` since ``clone``: the first
+        layer moved by ``-lr * inputs.T @ gradient`` (what the learner's guard reuses)."""
 
     @property
     def num_classes(self) -> int:
@@ -379,6 +382,7 @@ class MLPHead:
         (the 400 KB first layer would otherwise be copied on every update); ``see`` updates
         the statistics in place, so they are copied."""
         twin = copy.copy(self)
+        twin.steps = []
         if not self.frozen:
             twin.stats = self.stats.copy()
         return twin
@@ -419,6 +423,7 @@ class MLPHead:
         step = x.T @ gh
         step *= lr
         self.w1 = np.subtract(self.w1, step, out=step)
+        self.steps.append((x, gh, lr))
         self.b1 = self.b1 - lr * gh.sum(axis=0)
 
     def on_drift(self, window: int) -> None:
@@ -475,6 +480,14 @@ class _SlotRows:
         self.slots = np.zeros(0, np.int64)  # row -> slot
         self.x = np.empty((0, dim), np.float32)
         self.n = 0
+        # The mlp head's first-layer pre-activations ``x @ w1`` of these rows, for the weights
+        # ``pre_w1`` (compared by identity: every SGD step makes a new array); ``pre_ok``
+        # is False for rows added since. ``approx``: updates since they were last computed
+        # exactly (see ``ContinualLearner._guard_logits``).
+        self.pre = np.empty((0, 0), np.float32)
+        self.pre_ok = np.zeros(0, bool)
+        self.pre_w1: np.ndarray | None = None
+        self.approx = 0
 
     def drop(self, slots: np.ndarray) -> None:
         rows = self.row[slots]
@@ -484,6 +497,8 @@ class _SlotRows:
             if r != last:
                 moved = self.slots[last]
                 self.x[r], self.slots[r], self.row[moved] = self.x[last], moved, r
+                if len(self.pre):
+                    self.pre[r], self.pre_ok[r] = self.pre[last], self.pre_ok[last]
             self.n -= 1
         self.row[slots] = -1
 
@@ -492,7 +507,7 @@ class _SlotRows:
         """(slots, rows) holding the slots of ``idx`` in some order; ``prepare(slots)``
         computes the missing rows. ``rows`` is a view of the cache: read it, do not keep it."""
         if key != self.key:
-            self.key, self.n = key, 0
+            self.key, self.n, self.pre_w1 = key, 0, None
             self.row.fill(-1)
         miss = idx[self.row[idx] < 0]
         if len(miss):
@@ -501,8 +516,13 @@ class _SlotRows:
                 grow = max(n + m - len(self.x), len(self.x) // 2, 64)
                 self.x = np.concatenate([self.x, np.empty((grow, self.x.shape[1]), np.float32)])
                 self.slots = np.concatenate([self.slots, np.zeros(grow, np.int64)])
+                self.pre_ok = np.concatenate([self.pre_ok, np.zeros(grow, bool)])
+                if len(self.pre):
+                    self.pre = np.concatenate(
+                        [self.pre, np.empty((grow, self.pre.shape[1]), np.float32)])
             self.x[n:n + m] = prepare(miss)
             self.slots[n:n + m] = miss
+            self.pre_ok[n:n + m] = False
             self.row[miss] = np.arange(n, n + m)
             self.n += m
         if self.n == len(idx):  # the rows are exactly the slots asked for
@@ -552,6 +572,7 @@ class ContinualLearner:
         # (known classes, prediction per buffer slot or -1): derived, never saved.
         self._pred_cache: tuple[int, np.ndarray] | None = None
         self._candidate_preds: tuple[int, np.ndarray, np.ndarray] | None = None
+        self._candidate_pre: tuple[np.ndarray, np.ndarray, int] | None = None
         # Prepared inputs of holdout slots: derived, never saved.
         self._holdout_cache: _SlotRows | None = None
         self.dim = dim or getattr(embedder, "embedding_dim", None)
@@ -811,7 +832,7 @@ class ContinualLearner:
         # smaller one, while a harmful batch stays harmful at any rate.
         self._candidate_preds = None
         for attempt in range(self.config.guard_backoff + 1):
-            self._candidate_preds = None
+            self._candidate_preds = self._candidate_pre = None
             candidate = self.head.clone()
             candidate.see(z)
             lr = self.config.lr / 4 ** attempt
@@ -833,6 +854,12 @@ class ContinualLearner:
             log.warning("update rolled back: %s", reason)
             return  # the batch is not stored either: replaying it would redo the damage
         self.head = candidate
+        if self._candidate_pre is not None and self._holdout_cache is not None:
+            # The guard's pre-activations are the new head's: keep them for the next guard.
+            pre, w1, approx = self._candidate_pre
+            cache = self._holdout_cache
+            cache.pre[: len(pre)], cache.pre_ok[: len(pre)] = pre, True
+            cache.pre_w1, cache.approx = w1, approx
         if self._candidate_preds is not None and self.buffer is not None:
             # The guard has just computed the new head's predictions on these holdout slots.
             known, idx, preds = self._candidate_preds
@@ -880,6 +907,45 @@ class ContinualLearner:
             out = preds[idx]
         return out
 
+    # Exact first-layer pre-activations of the holdout rows at least this often (updates).
+    EXACT_EVERY = 32
+
+    def _guard_logits(self, candidate: Head, slots: np.ndarray, xh: np.ndarray) -> np.ndarray:
+        """The candidate's logits on the holdout rows ``xh`` (of ``slots``).
+
+        For the mlp head after one SGD step from the current head, the first layer moved by
+        ``-lr * x.T @ gh`` (x: the step's 64 inputs), so its pre-activations on the holdout
+        rows are the current head's (cached per row) minus ``lr * (xh @ x.T) @ gh``: half the
+        multiply-adds of ``xh @ w1`` (the guard's largest product). It equals the direct
+        product up to float32 rounding (about 1e-6 relative, re-anchored by an exact product
+        every ``EXACT_EVERY`` updates), which can flip only a prediction tied to that precision.
+        """
+        cache = self._holdout_cache
+        if not isinstance(candidate, MLPHead) or cache is None or len(slots) != cache.n \
+                or not np.shares_memory(xh, cache.x):
+            return candidate.logits_prepared(xh)
+        head, n = self.head, len(slots)
+        assert isinstance(head, MLPHead)
+        if len(cache.pre) != len(cache.x):
+            cache.pre = np.empty((len(cache.x), len(candidate.b1)), np.float32)
+            cache.pre_ok[:] = False
+        if cache.pre_w1 is head.w1 and len(candidate.steps) == 1 \
+                and cache.approx < self.EXACT_EVERY:
+            todo = np.flatnonzero(~cache.pre_ok[:n])
+            if len(todo):  # rows new since the last update: their current pre-activations
+                cache.pre[todo] = xh[todo] @ head.w1
+                cache.pre_ok[todo] = True
+            x, gh, lr = candidate.steps[0]
+            pre = (xh @ x.T) @ gh
+            pre *= -lr
+            pre += cache.pre[:n]
+            approx = cache.approx + 1
+        else:
+            pre, approx = xh @ candidate.w1, 0
+        self._candidate_pre = (pre, candidate.w1, approx)
+        h = pre + candidate.b1
+        return candidate._output(np.maximum(h, 0.0, out=h))
+
     def _judge(self, candidate: Head, known_before: int) -> str:
         """Empty if the candidate may replace the head, else why not."""
         params = candidate.arrays().values()
@@ -895,7 +961,7 @@ class ContinualLearner:
         # share of the predictions (that is learning it), but not to blur the known ones.
         idx, xh = self._holdout_inputs(candidate, idx)
         yh = labels[idx]
-        pred_after = candidate.logits_prepared(xh)[:, :known_before].argmax(axis=1)
+        pred_after = self._guard_logits(candidate, idx, xh)[:, :known_before].argmax(axis=1)
         before = float((self._holdout_predictions(idx, known_before) == yh).mean())
         after = float((pred_after == yh).mean())
         self._candidate_preds = (known_before, idx, pred_after)
