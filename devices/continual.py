@@ -915,8 +915,9 @@ class ContinualLearner:
 
         For the mlp head after one SGD step from the current head, the first layer moved by
         ``-lr * x.T @ gh`` (x: the step's 64 inputs), so its pre-activations on the holdout
-        rows are the current head's (cached per row) minus ``lr * (xh @ x.T) @ gh``: half the
-        multiply-adds of ``xh @ w1`` (the guard's largest product). It equals the direct
+        rows are the current head's (cached per row) minus ``lr * (xh @ x.T) @ gh``: fewer
+        multiply-adds than ``xh @ w1`` when the hidden layer is wider than the batch (half at
+        128 units and 64 rows; at 64 units the direct product is used). It equals the direct
         product up to float32 rounding (about 1e-6 relative, re-anchored by an exact product
         every ``EXACT_EVERY`` updates), which can flip only a prediction tied to that precision.
         """
@@ -929,7 +930,11 @@ class ContinualLearner:
         if len(cache.pre) != len(cache.x):
             cache.pre = np.empty((len(cache.x), len(candidate.b1)), np.float32)
             cache.pre_ok[:] = False
-        if cache.pre_w1 is head.w1 and len(candidate.steps) == 1 \
+        x_rows = len(candidate.steps[0][0]) if len(candidate.steps) == 1 else 0
+        dim, hidden = xh.shape[1], len(candidate.b1)
+        # Cheaper only when the hidden layer is wider than about the step's batch (x_rows):
+        # n*dim*hidden multiply-adds against n*x_rows*(dim + hidden).
+        if cache.pre_w1 is head.w1 and 0 < x_rows * (dim + hidden) < dim * hidden \
                 and cache.approx < self.EXACT_EVERY:
             todo = np.flatnonzero(~cache.pre_ok[:n])
             if len(todo):  # rows new since the last update: their current pre-activations

@@ -55,7 +55,10 @@ def main() -> None:
     ap.add_argument("--buffer-bytes", type=int, default=1_000_000)
     ap.add_argument("--lr", type=float, default=2.0, help="linear head's learning rate")
     ap.add_argument("--mlp-lr", type=float, default=0.1, help="latent replay block's rate")
-    ap.add_argument("--hidden", type=int, default=128)
+    ap.add_argument("--hidden", type=int, default=128,
+                    help="hidden units of the latent replay block")
+    ap.add_argument("--holdout-fraction", type=float, default=0.1,
+                    help="latent replay: share of the buffer kept to judge updates (the guard)")
     ap.add_argument("--seeds", default=None, help="comma-separated [default: 0,1,2; quick: 0]")
     ap.add_argument("--kill-trials", type=int, default=None)
     ap.add_argument("--backbone-epochs", type=int, default=5)
@@ -92,11 +95,11 @@ def main() -> None:
                                   stage=2)
     linear = LearnerConfig(buffer_bytes=args.buffer_bytes, int8=True, lr=args.lr)
     mlp = LearnerConfig(head="mlp", hidden=args.hidden, buffer_bytes=args.buffer_bytes,
-                        int8=True, lr=args.mlp_lr)
+                        int8=True, lr=args.mlp_lr, holdout_fraction=args.holdout_fraction)
     out: dict = {"load_avg_start": os.getloadavg(), "cpu_flags": _cpu_flags(), "seeds": seeds,
                  "backbones": {"linear": str(linear_bb), "latent": str(latent_bb)},
                  "backbone_trained_on": "mnist-5k only (no Fashion-MNIST image or label)",
-                 "quick": args.quick}
+                 "quick": args.quick, "latent_config": asdict(mlp)}
     sim = dict(train_per_class=per_class[0], test_per_class=per_class[1], threads=2,
                seeds=tuple(seeds))
     rows: dict[str, dict] = {}

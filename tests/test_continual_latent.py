@@ -236,14 +236,18 @@ def test_reused_forward_pass_gives_the_same_sgd_step():
 def test_guard_caches_agree_with_a_fresh_pass():
     """Holdout rows, their pre-activations (low-rank updated) and the head's cached
     predictions equal what a fresh pass over the buffer computes, after evictions."""
-    cfg = LearnerConfig(head="mlp", lr=0.1, buffer_bytes=20_000, max_classes=8,
-                        standardize_samples=64)
-    learner = ContinualLearner(None, cfg, dim=D)
+    dim = 200  # wide enough latents (and batch 16 + 16) for the low-rank guard to pay
+    centers = np.random.default_rng(7).normal(size=(6, dim)).astype(np.float32)
+    cfg = LearnerConfig(head="mlp", lr=0.1, buffer_bytes=100_000, int8=True, max_classes=8,
+                        standardize_samples=64, replay_batch=16)
+    learner = ContinualLearner(None, cfg, dim=dim)
     rng = np.random.default_rng(1)
-    for step in range(90):  # two classes at a time: new ones evict, holdout rows turn over
-        learner.observe_embeddings(*blobs(rng, [2 * (step // 30), 2 * (step // 30) + 1]))
+    for step in range(120):  # two classes at a time: new ones evict, holdout rows turn over
+        y = rng.choice([2 * (step // 40), 2 * (step // 40) + 1], 16)
+        z = centers[y] + rng.normal(size=(16, dim)).astype(np.float32)
+        learner.observe_embeddings(z, [f"c{c}" for c in y])
     assert learner.buffer.size == learner.buffer.capacity
-    assert learner.counters["updates_accepted"] > 80
+    assert learner.counters["updates_accepted"] > 100
     cache, buf, head = learner._holdout_cache, learner.buffer, learner.head
     n = cache.n
     assert n >= learner.config.guard_min_holdout and cache.pre_w1 is head.w1
