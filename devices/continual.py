@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -141,12 +142,21 @@ class ObserveResult:
 # --------------------------------------------------------------------------- heads
 
 
-def _softmax_xent(logits: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Probabilities and per-sample cross-entropy, computed stably in log space."""
-    shifted = logits - logits.max(axis=1, keepdims=True)
+def _balanced_xent_grad(logits: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Gradient of class-balanced cross-entropy with respect to ``logits`` (overwritten).
+
+    Every class in the batch weighs the same, however many of its samples the batch has:
+    ``(softmax - onehot) / (classes in the batch * samples of the row's class)``, the softmax
+    taken in log space for stability.
+    """
+    shifted = np.subtract(logits, logits.max(axis=1, keepdims=True), out=logits)
     log_z = np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-    logp = shifted - log_z
-    return np.exp(logp), -logp[np.arange(len(y)), y]
+    g = np.exp(np.subtract(shifted, log_z, out=shifted), out=shifted)
+    rows = np.arange(len(y))
+    g[rows, y] -= 1.0
+    counts = np.bincount(y)
+    g *= (1.0 / (np.count_nonzero(counts) * counts[y]))[:, None]
+    return g
 
 
 class SoftmaxHead:
@@ -196,10 +206,7 @@ class SoftmaxHead:
         a batch of new-class samples mixed with replayed ones would otherwise pull the head
         towards the newest classes (the recency bias of replay on a linear head).
         """
-        p, _ = _softmax_xent(self.logits(z), y)
-        p[np.arange(len(y)), y] -= 1.0
-        classes, inverse, counts = np.unique(y, return_inverse=True, return_counts=True)
-        p *= (1.0 / (len(classes) * counts))[inverse][:, None]
+        p = _balanced_xent_grad(self.logits(z), y)
         self.weight -= lr * (p.T @ z)
         self.bias -= lr * p.sum(axis=0)
 
@@ -300,6 +307,9 @@ class MLPHead:
         self.stats = np.zeros((3, dim), np.float64)  # count (broadcast), mean, M2
         self.standardize_samples = standardize_samples
         self._scale_cache: tuple[np.ndarray, np.ndarray] | None = None
+        self.steps: list[tuple[np.ndarray, np.ndarray, float]] = []
+        """(inputs, hidden-layer gradient, lr) of each ``learn`` since ``clone``: the first
+        layer moved by ``-lr * inputs.T @ gradient`` (what the learner's guard reuses)."""
 
     @property
     def num_classes(self) -> int:
@@ -314,7 +324,9 @@ class MLPHead:
     def see(self, z: np.ndarray) -> None:
         """Fold new (never replayed) samples into the input statistics until they freeze."""
         n0 = float(self.stats[0, 0])
-        take = z[: max(0, int(self.standardize_samples - n0))].astype(np.float64)
+        if n0 >= self.standardize_samples:
+            return
+        take = z[: int(self.standardize_samples - n0)].astype(np.float64)
         if not len(take):
             return
         # Chan et al.'s parallel update of (count, mean, M2) by a batch.
@@ -333,12 +345,23 @@ class MLPHead:
             scale = self.INPUT_NORM / np.sqrt(len(std)) / std
             self._scale_cache = (self.stats[1].astype(np.float32), scale.astype(np.float32))
         mean, scale = self._scale_cache
-        return (z - mean) * scale
+        x = np.subtract(z, mean, dtype=np.float32)
+        return np.multiply(x, scale, out=x)
+
+    def _hidden(self, x: np.ndarray) -> np.ndarray:
+        h = x @ self.w1
+        h += self.b1
+        return np.maximum(h, 0.0, out=h)
 
     def _forward(self, z: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         x = self._input(z)
-        h = np.maximum(x @ self.w1 + self.b1, 0.0)
-        return x, h, h @ self.w2.T + self.b2
+        h = self._hidden(x)
+        return x, h, self._output(h)
+
+    def _output(self, h: np.ndarray) -> np.ndarray:
+        logits = h @ self.w2.T
+        logits += self.b2
+        return logits
 
     def logits(self, z: np.ndarray) -> np.ndarray:
         return self._forward(z)[2]
@@ -348,7 +371,7 @@ class MLPHead:
         return self._input(z)
 
     def logits_prepared(self, x: np.ndarray) -> np.ndarray:
-        return np.maximum(x @ self.w1 + self.b1, 0.0) @ self.w2.T + self.b2
+        return self._output(self._hidden(x))
 
     def input_key(self) -> float:
         """Samples folded into the input statistics (they freeze after the first N)."""
@@ -359,39 +382,48 @@ class MLPHead:
         (the 400 KB first layer would otherwise be copied on every update); ``see`` updates
         the statistics in place, so they are copied."""
         twin = copy.copy(self)
-        twin.stats = self.stats.copy()
+        twin.steps = []
+        if not self.frozen:
+            twin.stats = self.stats.copy()
         return twin
 
+    @property
+    def frozen(self) -> bool:
+        """Whether the input statistics are final (``see`` no longer changes them)."""
+        return self.stats[0, 0] >= self.standardize_samples
+
     def learn(self, z: np.ndarray, y: np.ndarray, lr: float,
-              head_rows: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+              head_rows: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> None:
         """One SGD step of class-balanced cross-entropy through both layers.
 
-        ``head_rows``: standardised inputs and hidden activations of the first rows of ``z``,
-        already computed with these very weights and statistics (the learner's prequential
-        forward pass), so they are not computed twice.
+        ``head_rows``: standardised inputs, hidden activations and logits of the batch's first
+        rows, already computed with these very weights and statistics (the learner's
+        prequential forward pass), so they are not computed twice; ``z`` then holds the
+        latents of the remaining rows only (none when ``head_rows`` covers the batch).
         """
         if head_rows is None:
             x, h, logits = self._forward(z)
+        elif not len(z):
+            x, h, logits = head_rows[0], head_rows[1], head_rows[2].copy()
         else:
-            n = len(head_rows[0])
-            x_rest = self._input(z[n:])
+            x_rest = self._input(z)
             x = np.concatenate([head_rows[0], x_rest])
-            h = np.concatenate([head_rows[1], np.maximum(x_rest @ self.w1 + self.b1, 0.0)])
-            logits = h @ self.w2.T + self.b2
-        g, _ = _softmax_xent(logits, y)
-        g[np.arange(len(y)), y] -= 1.0
-        classes, inverse, counts = np.unique(y, return_inverse=True, return_counts=True)
-        g *= (1.0 / (len(classes) * counts))[inverse][:, None]
+            h = np.concatenate([head_rows[1], self._hidden(x_rest)])
+            logits = self._output(h)
+        g = _balanced_xent_grad(logits, y)
         gh = g @ self.w2
-        gh[h <= 0.0] = 0.0
+        np.multiply(gh, h > 0.0, out=gh)  # ReLU' (h is 0 where the unit is off)
         # New arrays, not in-place updates (a clone shares its parent's weights); the first
         # layer's step is scaled and subtracted inside its own gradient buffer, so the 400 KB
         # layer costs one allocation per step, not three.
-        self.w2 = self.w2 - lr * (g.T @ h)
+        step2 = g.T @ h
+        step2 *= lr
+        self.w2 = np.subtract(self.w2, step2, out=step2)
         self.b2 = self.b2 - lr * g.sum(axis=0)
         step = x.T @ gh
         step *= lr
         self.w1 = np.subtract(self.w1, step, out=step)
+        self.steps.append((x, gh, lr))
         self.b1 = self.b1 - lr * gh.sum(axis=0)
 
     def on_drift(self, window: int) -> None:
@@ -429,6 +461,75 @@ def load_head_npz(path: str | Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
         raise EdgektError(f"{path}: inconsistent head: weight {weight.shape}, bias {bias.shape}, "
                           f"{len(labels)} labels")
     return weight, bias, labels
+
+
+class _SlotRows:
+    """Prepared head inputs of holdout slots, cached per slot (derived, never saved).
+
+    Decoding int8 latents and standardising them cost about as much as the guard's forward
+    pass; a slot only changes by ``buffer.add`` (which ``drop`` s it here) and the preparation
+    only while the mlp head's input statistics are still being estimated (the head's
+    ``input_key``). The rows are kept dense (a dropped row is replaced by the last one), so
+    when they hold exactly the slots the guard asks for, it runs on them without a copy.
+    They exceed the most holdout slots seen at once by at most 16 (about 620 KB of RAM with
+    the pre-activations, beside a 1 MB buffer of 800-d latents and a 128-unit block).
+    """
+
+    def __init__(self, capacity: int, dim: int) -> None:
+        self.key: float | None = None
+        self.row = np.full(capacity, -1, np.int64)  # slot -> row of ``x``, -1: not cached
+        self.slots = np.zeros(0, np.int64)  # row -> slot
+        self.x = np.empty((0, dim), np.float32)
+        self.n = 0
+        # The mlp head's first-layer pre-activations ``x @ w1`` of these rows, for the weights
+        # ``pre_w1`` (compared by identity: every SGD step makes a new array); ``pre_ok``
+        # is False for rows added since. ``approx``: updates since they were last computed
+        # exactly (see ``ContinualLearner._guard_logits``).
+        self.pre = np.empty((0, 0), np.float32)
+        self.pre_ok = np.zeros(0, bool)
+        self.pre_w1: np.ndarray | None = None
+        self.approx = 0
+
+    def drop(self, slots: np.ndarray) -> None:
+        rows = self.row[slots]
+        # Highest row first: the last row, moved into a dropped one, is then never dropped.
+        for r in sorted(rows[rows >= 0].tolist(), reverse=True):
+            last = self.n - 1
+            if r != last:
+                moved = self.slots[last]
+                self.x[r], self.slots[r], self.row[moved] = self.x[last], moved, r
+                if len(self.pre):
+                    self.pre[r], self.pre_ok[r] = self.pre[last], self.pre_ok[last]
+            self.n -= 1
+        self.row[slots] = -1
+
+    def get(self, idx: np.ndarray, key: float, prepare: Callable[[np.ndarray], np.ndarray]
+            ) -> tuple[np.ndarray, np.ndarray]:
+        """(slots, rows) holding the slots of ``idx`` in some order; ``prepare(slots)``
+        computes the missing rows. ``rows`` is a view of the cache: read it, do not keep it."""
+        if key != self.key:
+            self.key, self.n, self.pre_w1 = key, 0, None
+            self.row.fill(-1)
+        miss = idx[self.row[idx] < 0]
+        if len(miss):
+            n, m = self.n, len(miss)
+            if n + m > len(self.x):
+                grow = max(n + m - len(self.x), 16)  # rare: the holdout grows slowly
+                self.x = np.concatenate([self.x, np.empty((grow, self.x.shape[1]), np.float32)])
+                self.slots = np.concatenate([self.slots, np.zeros(grow, np.int64)])
+                self.pre_ok = np.concatenate([self.pre_ok, np.zeros(grow, bool)])
+                if len(self.pre):
+                    self.pre = np.concatenate(
+                        [self.pre, np.empty((grow, self.pre.shape[1]), np.float32)])
+            self.x[n:n + m] = prepare(miss)
+            self.slots[n:n + m] = miss
+            self.pre_ok[n:n + m] = False
+            self.row[miss] = np.arange(n, n + m)
+            self.n += m
+        if self.n == len(idx):  # the rows are exactly the slots asked for
+            return self.slots[: self.n], self.x[: self.n]
+        rows = self.row[idx]
+        return idx, self.x[rows]
 
 
 # --------------------------------------------------------------------------- learner
@@ -472,9 +573,9 @@ class ContinualLearner:
         # (known classes, prediction per buffer slot or -1): derived, never saved.
         self._pred_cache: tuple[int, np.ndarray] | None = None
         self._candidate_preds: tuple[int, np.ndarray, np.ndarray] | None = None
-        # (head input key, holdout slots, their prepared inputs, still valid): derived, never
-        # saved; rows are dropped when ``buffer.add`` rewrites their slot.
-        self._holdout_cache: tuple[float, np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._candidate_pre: tuple[np.ndarray, np.ndarray, int] | None = None
+        # Prepared inputs of holdout slots: derived, never saved.
+        self._holdout_cache: _SlotRows | None = None
         self.dim = dim or getattr(embedder, "embedding_dim", None)
         state = load_state(self.state_path) if self.state_path is not None else None
         if state is not None:
@@ -662,18 +763,18 @@ class ContinualLearner:
         if self.label_kind is None:
             self.label_kind = self._label_kind(labels[0])
         index = {name: i for i, name in enumerate(self.labels)}
-        out = np.empty(len(labels), np.int64)
-        for i, label in enumerate(labels):
+        out = []
+        for label in labels:
             key = str(label)
             if key not in index:
                 if len(self.labels) >= self.config.max_classes:
-                    out[i] = -1
+                    out.append(-1)
                     continue
                 index[key] = len(self.labels)
                 self.labels.append(key)
                 res.new_labels.append(key)
-            out[i] = index[key]
-        return out
+            out.append(index[key])
+        return np.array(out, np.int64)
 
     def _update(self, z: np.ndarray, labels: list[Any], positions: list[int],
                 res: ObserveResult) -> None:
@@ -697,19 +798,28 @@ class ContinualLearner:
         self.head.grow(len(self.labels))
         res.accepted = len(y)
         self.counters["samples"] += len(y)
+        # Drawn before the prequential pass (the detector draws no random numbers, so these
+        # are the same draws): the mlp head's forward pass then covers both at once.
+        replay = [self.buffer.sample(self.config.replay_batch)
+                  if self.buffer is not None and self.config.replay_batch
+                  and self.head.kind != "ncm" else None for _ in range(self.config.steps)]
         # Prequential errors: how the current head does on samples it has not learnt yet.
         head_rows = None
         if known_before:
             if isinstance(self.head, MLPHead):
-                x_new, h_new, logits = self.head._forward(z)
-                head_rows = (x_new, h_new, self.head.input_key())
+                # One pass over the new samples and the first replay draw: its rows of the
+                # new samples are the prequential test, all its rows the first SGD step's
+                # forward pass (same inputs, same weights).
+                z_all = z if replay[0] is None else np.concatenate([z, replay[0][0]])
+                x_all, h_all, logits_all = self.head._forward(z_all)
+                logits = logits_all[: len(z)]
+                head_rows = (x_all, h_all, logits_all, self.head.input_key())
             else:
                 logits = self.head.logits(z)
             wrong = logits.argmax(axis=1) != y
             res.errors = int(wrong.sum())
             if self.detector is not None:
-                for err in wrong.tolist():
-                    res.drift |= self.detector.update(float(err))
+                res.drift = self.detector.update_many(wrong.tolist())
         if res.drift:
             self.counters["drift_events"] += 1
             log.info("drift detected after %d samples: restarting the replay reservoir",
@@ -718,28 +828,23 @@ class ContinualLearner:
             self._pred_cache = None
             if self.buffer is not None:
                 self.buffer.restart_reservoir()
-        replay = [self.buffer.sample(self.config.replay_batch)
-                  if self.buffer is not None and self.config.replay_batch
-                  and self.head.kind != "ncm" else None for _ in range(self.config.steps)]
         # A rejected step is retried with a 4x smaller learning rate (guard_backoff times):
         # a new class's first steps may disturb the known ones at full rate but not at a
         # smaller one, while a harmful batch stays harmful at any rate.
         self._candidate_preds = None
         for attempt in range(self.config.guard_backoff + 1):
-            self._candidate_preds = None
+            self._candidate_preds = self._candidate_pre = None
             candidate = self.head.clone()
             candidate.see(z)
+            lr = self.config.lr / 4 ** attempt
             for step, extra in enumerate(replay):
-                zs, ys = (z, y) if extra is None else (np.concatenate([z, extra[0]]),
-                                                      np.concatenate([y, extra[1]]))
-                lr = self.config.lr / 4 ** attempt
+                ys = y if extra is None else np.concatenate([y, extra[1]])
                 if step == 0 and head_rows is not None \
-                        and head_rows[2] == candidate.input_key():
-                    # The first step starts from the current weights: reuse the prequential
-                    # pass over the new samples (same inputs, same weights).
-                    candidate.learn(zs, ys, lr, head_rows=head_rows[:2])
+                        and head_rows[3] == candidate.input_key():
+                    candidate.learn(z[:0], ys, lr, head_rows=head_rows[:3])
                 else:
-                    candidate.learn(zs, ys, lr)
+                    candidate.learn(z if extra is None else np.concatenate([z, extra[0]]),
+                                    ys, lr)
             reason = self._judge(candidate, known_before)
             if not reason:
                 break
@@ -750,46 +855,40 @@ class ContinualLearner:
             log.warning("update rolled back: %s", reason)
             return  # the batch is not stored either: replaying it would redo the damage
         self.head = candidate
-        self._pred_cache = None
+        if self._candidate_pre is not None and self._holdout_cache is not None:
+            # The guard's pre-activations are the new head's: keep them for the next guard.
+            pre, w1, approx = self._candidate_pre
+            cache = self._holdout_cache
+            cache.pre[: len(pre)], cache.pre_ok[: len(pre)] = pre, True
+            cache.pre_w1, cache.approx = w1, approx
         if self._candidate_preds is not None and self.buffer is not None:
+            # The guard has just computed the new head's predictions on these holdout slots.
             known, idx, preds = self._candidate_preds
-            self._pred_cache = (known, np.full(self.buffer.capacity, -1, np.int16))
-            self._pred_cache[1][idx] = preds
+            cache = self._pred_cache[1] if self._pred_cache is not None \
+                else np.empty(self.buffer.capacity, np.int16)
+            cache.fill(-1)
+            cache[idx] = preds
+            self._pred_cache = (known, cache)
+        else:
+            self._pred_cache = None
         res.updated = True
         self.counters["updates_accepted"] += 1
         if self.buffer is not None:
             self.buffer.add(z, y)
+            written = self.buffer.last_written
             if self._pred_cache is not None:
-                self._pred_cache[1][self.buffer.last_written] = -1
-            if self._holdout_cache is not None and len(self.buffer.last_written):
-                _, cached, _, valid = self._holdout_cache
-                pos = np.minimum(np.searchsorted(cached, self.buffer.last_written),
-                                 max(len(cached) - 1, 0))
-                if len(cached):
-                    valid[pos[cached[pos] == self.buffer.last_written]] = False
+                self._pred_cache[1][written] = -1
+            if self._holdout_cache is not None:
+                self._holdout_cache.drop(written)
 
-    def _holdout_inputs(self, head: Head, idx: np.ndarray) -> np.ndarray:
-        """``head.prepare`` of the latents in holdout slots ``idx`` (sorted), cached per slot.
-
-        Decoding int8 latents and standardising them cost about as much as the guard's
-        forward pass; a slot only changes by ``buffer.add`` and the preparation only while
-        the mlp head's input statistics are still being estimated (``input_key``).
-        """
+    def _holdout_inputs(self, head: Head, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(slots, ``head.prepare`` of their latents) for holdout slots ``idx``, cached."""
         assert self.buffer is not None
-        key = head.input_key()
-        x = np.empty((len(idx), self.dim or 0), np.float32)
-        miss = np.ones(len(idx), bool)
-        if self._holdout_cache is not None and self._holdout_cache[0] == key \
-                and len(self._holdout_cache[1]):
-            _, cached, cx, valid = self._holdout_cache
-            pos = np.minimum(np.searchsorted(cached, idx), len(cached) - 1)
-            hit = (cached[pos] == idx) & valid[pos]
-            x[hit] = cx[pos[hit]]
-            miss = ~hit
-        if miss.any():
-            x[miss] = head.prepare(self.buffer._decode(idx[miss]))
-        self._holdout_cache = (key, idx, x, np.ones(len(idx), bool))
-        return x
+        if self._holdout_cache is None:
+            self._holdout_cache = _SlotRows(self.buffer.capacity, self.dim or 0)
+        buffer = self.buffer
+        return self._holdout_cache.get(idx, head.input_key(),
+                                       lambda miss: head.prepare(buffer._decode(miss)))
 
     def _holdout_predictions(self, idx: np.ndarray, known: int) -> np.ndarray:
         """The current head's predictions among ``known`` classes on holdout slots ``idx``.
@@ -802,11 +901,56 @@ class ContinualLearner:
         if self._pred_cache is None or self._pred_cache[0] != known:
             self._pred_cache = (known, np.full(self.buffer.capacity, -1, np.int16))
         preds = self._pred_cache[1]
-        todo = preds[idx] < 0
-        if todo.any():
-            zh = self.buffer._decode(idx[todo])
-            preds[idx[todo]] = self.head.logits(zh)[:, :known].argmax(axis=1)
-        return preds[idx]
+        out = preds[idx]
+        todo = idx[out < 0]
+        if len(todo):
+            preds[todo] = self.head.logits(self.buffer._decode(todo))[:, :known].argmax(axis=1)
+            out = preds[idx]
+        return out
+
+    # Exact first-layer pre-activations of the holdout rows at least this often (updates).
+    EXACT_EVERY = 32
+
+    def _guard_logits(self, candidate: Head, slots: np.ndarray, xh: np.ndarray) -> np.ndarray:
+        """The candidate's logits on the holdout rows ``xh`` (of ``slots``).
+
+        For the mlp head after one SGD step from the current head, the first layer moved by
+        ``-lr * x.T @ gh`` (x: the step's 64 inputs), so its pre-activations on the holdout
+        rows are the current head's (cached per row) minus ``lr * (xh @ x.T) @ gh``: fewer
+        multiply-adds than ``xh @ w1`` when the hidden layer is wider than the batch (half at
+        128 units and 64 rows; at 64 units the direct product is used). It equals the direct
+        product up to float32 rounding (about 1e-6 relative, re-anchored by an exact product
+        every ``EXACT_EVERY`` updates), which can flip only a prediction tied to that precision.
+        """
+        cache = self._holdout_cache
+        if not isinstance(candidate, MLPHead) or cache is None or len(slots) != cache.n \
+                or not np.shares_memory(xh, cache.x):
+            return candidate.logits_prepared(xh)
+        head, n = self.head, len(slots)
+        assert isinstance(head, MLPHead)
+        if len(cache.pre) != len(cache.x):
+            cache.pre = np.empty((len(cache.x), len(candidate.b1)), np.float32)
+            cache.pre_ok[:] = False
+        x_rows = len(candidate.steps[0][0]) if len(candidate.steps) == 1 else 0
+        dim, hidden = xh.shape[1], len(candidate.b1)
+        # Cheaper only when the hidden layer is wider than about the step's batch (x_rows):
+        # n*dim*hidden multiply-adds against n*x_rows*(dim + hidden).
+        if cache.pre_w1 is head.w1 and 0 < x_rows * (dim + hidden) < dim * hidden \
+                and cache.approx < self.EXACT_EVERY:
+            todo = np.flatnonzero(~cache.pre_ok[:n])
+            if len(todo):  # rows new since the last update: their current pre-activations
+                cache.pre[todo] = xh[todo] @ head.w1
+                cache.pre_ok[todo] = True
+            x, gh, lr = candidate.steps[0]
+            pre = (xh @ x.T) @ gh
+            pre *= -lr
+            pre += cache.pre[:n]
+            approx = cache.approx + 1
+        else:
+            pre, approx = xh @ candidate.w1, 0
+        self._candidate_pre = (pre, candidate.w1, approx)
+        h = pre + candidate.b1
+        return candidate._output(np.maximum(h, 0.0, out=h))
 
     def _judge(self, candidate: Head, known_before: int) -> str:
         """Empty if the candidate may replace the head, else why not."""
@@ -815,16 +959,15 @@ class ContinualLearner:
             return "candidate head has NaN/inf weights"
         if not self.config.guard or self.buffer is None or not known_before:
             return ""
-        idx = np.flatnonzero(self.buffer.holdout[: self.buffer.size])
-        yh = self.buffer.labels[idx].astype(np.int64)
-        old = yh < known_before
-        if old.sum() < self.config.guard_min_holdout:
+        size, labels = self.buffer.size, self.buffer.labels
+        idx = np.flatnonzero(self.buffer.holdout[:size] & (labels[:size] < known_before))
+        if len(idx) < self.config.guard_min_holdout:
             return ""
-        idx, yh = idx[old], yh[old]
         # Accuracy among the known classes only: a new class must be allowed to take its
         # share of the predictions (that is learning it), but not to blur the known ones.
-        xh = self._holdout_inputs(candidate, idx)
-        pred_after = candidate.logits_prepared(xh)[:, :known_before].argmax(axis=1)
+        idx, xh = self._holdout_inputs(candidate, idx)
+        yh = labels[idx]
+        pred_after = self._guard_logits(candidate, idx, xh)[:, :known_before].argmax(axis=1)
         before = float((self._holdout_predictions(idx, known_before) == yh).mean())
         after = float((pred_after == yh).mean())
         self._candidate_preds = (known_before, idx, pred_after)

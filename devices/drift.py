@@ -10,6 +10,7 @@ does). Each detector turns its full state into arrays + JSON-able meta (``get_st
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -28,6 +29,13 @@ class DriftDetector:
     def update(self, x: float) -> bool:
         """Add ``x``; True when a change is detected at this value."""
         raise NotImplementedError
+
+    def update_many(self, xs: Iterable[float]) -> bool:
+        """Add the values in order; True when a change was detected at any of them."""
+        detected = False
+        for x in xs:
+            detected |= self.update(x)
+        return detected
 
     def get_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """(arrays, meta) that :meth:`set_state` restores exactly."""
@@ -135,6 +143,48 @@ class ADWIN(DriftDetector):
         self.drift_detected = self._detect()
         return self.drift_detected
 
+    def update_many(self, xs: Iterable[float]) -> bool:
+        """As ``update`` on each value, the same arithmetic in the same order, with the
+        per-value work inlined on local variables (this runs on every batch of the device
+        learner); the cut-point scan still runs every ``clock`` values."""
+        detected = False
+        clock, grace, full = self.clock, self.grace_period, self.max_buckets + 1
+        levels, width, total = self.levels, self.width, self.total
+        variance, tick, drift = self.variance, self.tick, self.drift_detected
+        for x in xs:
+            if drift:
+                self._reset()
+                levels, width, total, variance, tick = self.levels, 0.0, 0.0, 0.0, 0
+            x = float(x)
+            level0 = levels[0]
+            level0.append([x, 0.0])
+            width += 1.0
+            if width > 1.0:
+                d = x - total / (width - 1.0)
+                variance += (width - 1.0) * d * d / width
+            total += x
+            if len(level0) == full:  # _compress's first merge, inlined (2**0 values a bucket)
+                (t0, v0), (t1, v1) = level0[0], level0[1]
+                d = t0 - t1
+                if len(levels) == 1:
+                    levels.append([])
+                levels[1].append([t0 + t1, v0 + v1 + 0.5 * d * d])
+                del level0[:2]
+                if len(levels[1]) == full:
+                    self._compress(1)
+            tick += 1
+            if tick % clock or width <= grace:
+                drift = False
+                continue
+            self.width, self.total, self.variance, self.tick = width, total, variance, tick - 1
+            drift = self._detect()  # counts this value's tick itself; may drop buckets
+            detected |= drift
+            levels, width, total = self.levels, self.width, self.total
+            variance, tick = self.variance, self.tick
+        self.width, self.total, self.variance, self.tick = width, total, variance, tick
+        self.drift_detected = drift
+        return detected
+
     def _insert(self, x: float) -> None:
         self.levels[0].append([x, 0.0])
         self.width += 1.0
@@ -142,7 +192,10 @@ class ADWIN(DriftDetector):
             d = x - self.total / (self.width - 1.0)
             self.variance += (self.width - 1.0) * d * d / self.width
         self.total += x
-        i = 0
+        self._compress()
+
+    def _compress(self, i: int = 0) -> None:
+        """Merge the two oldest buckets of each full level into the next, from level ``i``."""
         while len(self.levels[i]) == self.max_buckets + 1:
             (t0, v0), (t1, v1) = self.levels[i][0], self.levels[i][1]
             n = float(2 ** i)

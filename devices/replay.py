@@ -81,23 +81,30 @@ class ReplayBuffer:
         if self.int8:
             scale = np.abs(z).max(axis=1) / 127.0
             scale[scale == 0] = 1.0
-            self.latents[slots] = np.clip(np.rint(z / scale[:, None]), -127, 127)
+            # One temporary, rounded and clipped in place (the same values as the plain
+            # ``clip(rint(z / scale))``).
+            q = z / scale[:, None]
+            np.rint(q, out=q)
+            self.latents[slots] = np.clip(q, -127, 127, out=q)
             self.scales[slots] = scale
         else:
             self.latents[slots] = z
 
     def _decode(self, idx: np.ndarray) -> np.ndarray:
         if self.int8:
-            return self.latents[idx].astype(np.float32) * self.scales[idx, None]
+            # int8 * float32 is computed in float32: the same as astype then multiply, in one
+            # pass and one allocation.
+            return np.multiply(self.latents[idx], self.scales[idx, None], dtype=np.float32)
         return self.latents[idx]
 
     def _random_slot_of(self, cls: int, n_classes: int) -> int:
         # Rejection sampling in one vectorised draw: cls is a largest class here, so about
         # 1/n_classes of the draws hit it; fall back to a scan in the unlikely miss.
         cand = self.rng.integers(self.size, size=8 * n_classes + 8)
-        hits = np.flatnonzero(self.labels[cand] == cls)
-        if len(hits):
-            return int(cand[hits[0]])
+        hit = self.labels[cand] == cls
+        first = int(hit.argmax())
+        if hit[first]:
+            return int(cand[first])
         return int(self.rng.choice(np.flatnonzero(self.labels[: self.size] == cls)))
 
     def add(self, z: np.ndarray, y: np.ndarray) -> int:
@@ -105,38 +112,54 @@ class ReplayBuffer:
         cap = self.capacity
         if cap == 0:
             return 0
-        if int(np.max(y, initial=0)) >= len(self.seen):
-            raise EdgektError(f"ReplayBuffer: class index {int(np.max(y))} >= max_classes "
-                              f"{len(self.seen)}; create the learner with a larger max_classes")
-        # This loop runs on every device update: attributes are bound to locals, the number
-        # of classes present is kept up to date instead of recounted, and the random draws
-        # are the same, in the same order, as the plain version's.
-        seen, counts, labels, holdout = self.seen, self.counts, self.labels, self.holdout
+        ys = np.asarray(y).tolist()
+        top = max(ys, default=0)
+        if top >= len(self.seen) or min(ys, default=0) < 0:
+            raise EdgektError(f"ReplayBuffer: class index {top} outside 0..max_classes-1 "
+                              f"(max_classes={len(self.seen)}); create the learner with a "
+                              "larger max_classes")
+        # This loop runs on every device update (the mlp head's budget is 2 ms): it works on
+        # Python lists of the first ``top`` classes' counters (the others are zero, so never
+        # the largest), keeps the largest class and the number of classes present up to date
+        # instead of recounting them, and makes the same random draws, in the same order, as
+        # the plain version (so what is stored is the same, sample for sample).
+        present = np.flatnonzero(self.counts)
+        top = max(top + 1, int(present[-1]) + 1 if len(present) else 0)
+        seen, counts = self.seen[:top].tolist(), self.counts[:top].tolist()
+        labels, holdout = self.labels, self.holdout
         rand, frac = self.rng.random, self.holdout_fraction
-        n_classes = int(np.count_nonzero(counts))
+        n_classes = len(present)
+        size = self.size
+        by_count = counts.__getitem__
+        largest = max(range(top), key=by_count)  # the first of the largest, as argmax
         written: dict[int, int] = {}  # slot -> row of z (a slot written twice keeps the last)
-        for row, c in enumerate(y.tolist()):
+        for row, c in enumerate(ys):
             seen[c] += 1
-            if self.size < cap:
-                slot = self.size
-                self.size += 1
+            if size < cap:
+                slot = size
+                size += 1
             else:
-                largest = int(counts.argmax())
                 if counts[c] < counts[largest]:
+                    self.size = size
                     slot = self._random_slot_of(largest, n_classes)
                 elif rand() * seen[c] < counts[c]:
+                    self.size = size
                     slot = self._random_slot_of(c, n_classes)
                 else:
                     continue
-                old = labels[slot]
+                old = int(labels[slot])
                 counts[old] -= 1
-                n_classes -= int(counts[old] == 0)
+                n_classes -= counts[old] == 0
             labels[slot] = c
-            n_classes += int(counts[c] == 0)
+            n_classes += counts[c] == 0
             counts[c] += 1
+            if size == cap:  # the largest class only matters once the buffer is full
+                largest = max(range(top), key=by_count)
             holdout[slot] = rand() < frac
             written.pop(slot, None)
             written[slot] = row
+        self.size = size
+        self.seen[:top], self.counts[:top] = seen, counts
         slots = np.fromiter(written.keys(), np.int64, len(written))
         if len(slots):  # one vectorised encode for the batch
             self._encode(np.asarray(z, np.float32)[np.fromiter(written.values(), np.int64,

@@ -28,8 +28,10 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -53,7 +55,10 @@ def main() -> None:
     ap.add_argument("--buffer-bytes", type=int, default=1_000_000)
     ap.add_argument("--lr", type=float, default=2.0, help="linear head's learning rate")
     ap.add_argument("--mlp-lr", type=float, default=0.1, help="latent replay block's rate")
-    ap.add_argument("--hidden", type=int, default=128)
+    ap.add_argument("--hidden", type=int, default=128,
+                    help="hidden units of the latent replay block")
+    ap.add_argument("--holdout-fraction", type=float, default=0.1,
+                    help="latent replay: share of the buffer kept to judge updates (the guard)")
     ap.add_argument("--seeds", default=None, help="comma-separated [default: 0,1,2; quick: 0]")
     ap.add_argument("--kill-trials", type=int, default=None)
     ap.add_argument("--backbone-epochs", type=int, default=5)
@@ -71,14 +76,11 @@ def main() -> None:
 
     import torch
     from rich.console import Console
-    from rich.table import Table
 
     from edgekt.cli.continual import print_report
     from edgekt.continual.crash import kill_trials
-    from edgekt.continual.peer import ensure_avalanche, run_avalanche
-    from edgekt.continual.simulate import forgetting, load_stream, pretrain_backbone, simulate
+    from edgekt.continual.simulate import pretrain_backbone, simulate
     from edgekt.devices.continual import LearnerConfig
-    from edgekt.errors import EdgektError
     from edgekt.io import atomic_write_text
 
     torch.set_num_threads(2)
@@ -93,11 +95,11 @@ def main() -> None:
                                   stage=2)
     linear = LearnerConfig(buffer_bytes=args.buffer_bytes, int8=True, lr=args.lr)
     mlp = LearnerConfig(head="mlp", hidden=args.hidden, buffer_bytes=args.buffer_bytes,
-                        int8=True, lr=args.mlp_lr)
+                        int8=True, lr=args.mlp_lr, holdout_fraction=args.holdout_fraction)
     out: dict = {"load_avg_start": os.getloadavg(), "cpu_flags": _cpu_flags(), "seeds": seeds,
                  "backbones": {"linear": str(linear_bb), "latent": str(latent_bb)},
                  "backbone_trained_on": "mnist-5k only (no Fashion-MNIST image or label)",
-                 "quick": args.quick}
+                 "quick": args.quick, "latent_config": asdict(mlp)}
     sim = dict(train_per_class=per_class[0], test_per_class=per_class[1], threads=2,
                seeds=tuple(seeds))
     rows: dict[str, dict] = {}
@@ -126,46 +128,7 @@ def main() -> None:
             add(f"edgekt {s} ({name})", "edgekt device", what, rs, rs[0]["memory_bytes"],
                 float(sum(r["seconds"] for r in rs)))
 
-    mem_size = args.buffer_bytes // IMAGE_BYTES
-    out["avalanche"] = {"mem_size_images": mem_size, "mem_note":
-                        f"{args.buffer_bytes} bytes / 784 bytes per raw uint8 28x28 image"}
-    if args.avalanche:
-        try:
-            py = ensure_avalanche()
-            x_tr, y_tr, x_te, y_te, _ = load_stream(*per_class)
-            t1 = time.perf_counter()
-            stream = {"x_train": x_tr, "y_train": y_tr, "x_test": x_te, "y_test": y_te,
-                      "class_order": np.arange(10)}
-            cumulative_seeds = ([int(s) for s in args.cumulative_seeds.split(",")]
-                                if args.cumulative_seeds else seeds)
-            av = None
-            for strategies, run_seeds in ((("naive", "replay"), seeds),
-                                          (("cumulative",), cumulative_seeds)):
-                part = run_avalanche(py, stream, seeds=run_seeds, model=args.avalanche_model,
-                                     epochs=args.avalanche_epochs, lr=args.avalanche_lr,
-                                     mem_size=mem_size, strategies=strategies,
-                                     threads=args.avalanche_threads, echo=console.print)
-                av = part if av is None else {**av, "rows": av["rows"] + part["rows"]}
-            out["avalanche"].update({k: v for k, v in av.items() if k != "rows"},
-                                    seconds=time.perf_counter() - t1, rows=av["rows"])
-            model = (f"SimpleMLP 784-512-10 on raw pixels ({av['rows'][0]['params']:,} params)"
-                     if args.avalanche_model == "mlp" else "cnn_s end to end")
-            for s in ("naive", "replay", "cumulative"):
-                rs = [{"final_avg_acc": float(np.mean(r["matrix"][-1])),
-                       "forgetting": forgetting(r["matrix"]), "seed": r["seed"]}
-                      for r in av["rows"] if r["strategy"] == s]
-                if not rs:
-                    continue
-                params = av["rows"][0]["params"] * 4
-                memory = params + (mem_size * IMAGE_BYTES if s == "replay" else 0)
-                add(f"Avalanche {s}", f"Avalanche {av['avalanche']}", model, rs, memory,
-                    float(sum(r["seconds"] for r in av["rows"] if r["strategy"] == s)))
-        except EdgektError as exc:
-            console.print(f"[yellow]Avalanche not run: {exc}[/]")
-            out["avalanche"]["error"] = str(exc)
-    else:
-        console.print("Avalanche not run: pass --avalanche to install avalanche-lib into its "
-                      "own venv under ~/.cache/edgekt and run it beside edgekt")
+    out["avalanche"] = avalanche_rows(args, per_class, seeds, add, console)
     out["rows"] = rows
 
     if not args.no_drift:
@@ -181,18 +144,8 @@ def main() -> None:
     out["load_avg_end"] = os.getloadavg()
     out["seconds"] = time.perf_counter() - t0
 
-    t = Table(title="Split-Fashion-MNIST, 5 experiences, one pass, batch 32 (+32 replayed), "
-                    f"{args.buffer_bytes / 1e6:g} MB memory; mean over seeds {seeds}")
-    for col in ("strategy", "implementation / model", "final avg acc", "± std", "forgetting",
-                "update ms p50", "CPU ms p50", "memory KB"):
-        t.add_column(col, justify="left" if col.startswith(("str", "impl")) else "right")
-    for key, r in rows.items():
-        ms, cpu = ("" if r[k] is None else f"{r[k]:.2f}"
-                   for k in ("update_ms_p50", "update_cpu_ms_p50"))
-        t.add_row(key, f"{r['implementation']}: {r['model']}", f"{r['final_avg_acc']:.4f}",
-                  f"{r['final_avg_acc_std']:.4f}", f"{r['forgetting']:.3f}", ms, cpu,
-                  f"{r['memory_bytes'] / 1024:.0f}")
-    console.print(t)
+    print_table(console, rows, f"Split-Fashion-MNIST, 5 experiences, one pass, batch 32 (+32 "
+                f"replayed), {args.buffer_bytes / 1e6:g} MB memory; mean over seeds {seeds}")
     ours = rows["edgekt replay (latent)"]["final_avg_acc"]
     peer = rows.get("Avalanche replay", {}).get("final_avg_acc")
     out["targets"] = {"latent_replay": ours, "avalanche_replay": peer,
@@ -212,6 +165,79 @@ def main() -> None:
                   f"{out['load_avg_end']}; {out['seconds']:.0f} s")
     atomic_write_text(args.out, json.dumps(out, indent=2))
     console.print(f"wrote {args.out}")
+
+
+def avalanche_rows(args: argparse.Namespace, per_class: tuple, seeds: list[int],
+                   add: Callable[..., None], console: Any) -> dict:
+    """Run Avalanche's Naive, Replay and Cumulative beside edgekt (``--avalanche``), adding
+    their rows with ``add``; returns what goes into the JSON under ``avalanche``.
+
+    Any failure (the install, the run) is one line on the console and an ``error`` entry:
+    the edgekt rows are printed all the same.
+    """
+    from edgekt.continual.peer import ensure_avalanche, run_avalanche
+    from edgekt.continual.simulate import forgetting, load_stream
+    from edgekt.errors import EdgektError
+
+    mem_size = args.buffer_bytes // IMAGE_BYTES
+    info: dict = {"mem_size_images": mem_size, "mem_note":
+                  f"{args.buffer_bytes} bytes / 784 bytes per raw uint8 28x28 image"}
+    if not args.avalanche:
+        console.print("Avalanche not run: pass --avalanche to install avalanche-lib into its "
+                      "own venv under ~/.cache/edgekt and run it beside edgekt", soft_wrap=True)
+        return info
+    try:
+        py = ensure_avalanche()
+        x_tr, y_tr, x_te, y_te, _ = load_stream(*per_class)
+        t1 = time.perf_counter()
+        stream = {"x_train": x_tr, "y_train": y_tr, "x_test": x_te, "y_test": y_te,
+                  "class_order": np.arange(10)}
+        cumulative_seeds = ([int(s) for s in args.cumulative_seeds.split(",")]
+                            if args.cumulative_seeds else seeds)
+        av = None
+        for strategies, run_seeds in ((("naive", "replay"), seeds),
+                                      (("cumulative",), cumulative_seeds)):
+            part = run_avalanche(py, stream, seeds=run_seeds, model=args.avalanche_model,
+                                 epochs=args.avalanche_epochs, lr=args.avalanche_lr,
+                                 mem_size=mem_size, strategies=strategies,
+                                 threads=args.avalanche_threads, echo=console.print)
+            av = part if av is None else {**av, "rows": av["rows"] + part["rows"]}
+        info.update({k: v for k, v in av.items() if k != "rows"},
+                    seconds=time.perf_counter() - t1, rows=av["rows"])
+        model = (f"SimpleMLP 784-512-10 on raw pixels ({av['rows'][0]['params']:,} params)"
+                 if args.avalanche_model == "mlp" else "cnn_s end to end")
+        for s in ("naive", "replay", "cumulative"):
+            rs = [{"final_avg_acc": float(np.mean(r["matrix"][-1])),
+                   "forgetting": forgetting(r["matrix"]), "seed": r["seed"]}
+                  for r in av["rows"] if r["strategy"] == s]
+            if not rs:
+                continue
+            params = av["rows"][0]["params"] * 4
+            memory = params + (mem_size * IMAGE_BYTES if s == "replay" else 0)
+            add(f"Avalanche {s}", f"Avalanche {av['avalanche']}", model, rs, memory,
+                float(sum(r["seconds"] for r in av["rows"] if r["strategy"] == s)))
+    except EdgektError as exc:
+        # soft_wrap: one line however long the reason (pip's last line, the log's path).
+        console.print(f"[yellow]Avalanche not run: {exc}[/]", soft_wrap=True)
+        info["error"] = str(exc)
+    return info
+
+
+def print_table(console: Any, rows: dict[str, dict], title: str) -> None:
+    """The results table: one row per strategy, edgekt's and Avalanche's."""
+    from rich.table import Table
+
+    t = Table(title=title)
+    for col in ("strategy", "implementation / model", "final avg acc", "± std", "forgetting",
+                "update ms p50", "CPU ms p50", "memory KB"):
+        t.add_column(col, justify="left" if col.startswith(("str", "impl")) else "right")
+    for key, r in rows.items():
+        ms, cpu = ("" if r[k] is None else f"{r[k]:.2f}"
+                   for k in ("update_ms_p50", "update_cpu_ms_p50"))
+        t.add_row(key, f"{r['implementation']}: {r['model']}", f"{r['final_avg_acc']:.4f}",
+                  f"{r['final_avg_acc_std']:.4f}", f"{r['forgetting']:.3f}", ms, cpu,
+                  f"{r['memory_bytes'] / 1024:.0f}")
+    console.print(t)
 
 
 def _cpu_flags() -> list[str]:

@@ -49,6 +49,21 @@ def test_same_detections_as_river(ours, theirs, kwargs):
     assert total > 0  # the sequences do exercise detections
 
 
+@pytest.mark.parametrize("ours,_,kwargs", PARAMS)
+def test_update_many_is_update_in_a_loop(ours, _, kwargs):
+    """The learner feeds a batch at once (``update_many``): same detections, same state."""
+    for name, seq in sequences():
+        a, b = ours(**kwargs), ours(**kwargs)
+        for start in range(0, len(seq), 32):  # batches of 32, as the device learner's
+            chunk = seq[start:start + 32]
+            one = [a.update(x) for x in chunk]
+            assert b.update_many(chunk.tolist()) == any(one), (name, start)
+            sa, sb = a.get_state(), b.get_state()
+            assert sa[1] == sb[1], (name, start)
+            for k in sa[0]:
+                np.testing.assert_array_equal(sa[0][k], sb[0][k], err_msg=f"{name} {start} {k}")
+
+
 @pytest.mark.parametrize("name", ["adwin", "page-hinkley"])
 def test_detector_state_roundtrip_mid_stream(name):
     rng = np.random.default_rng(1)

@@ -12,6 +12,7 @@ import pytest
 
 from edgekt.continual.simulate import class_incremental, run_strategy
 from edgekt.devices.continual import ContinualLearner, LearnerConfig, MLPHead
+from edgekt.devices.replay import ReplayBuffer
 from edgekt.devices.state import load_state
 
 D = 24
@@ -159,3 +160,105 @@ def test_mlp_head_state_roundtrip(tmp_path):
     assert learner.observe_embeddings(x, y).updated == again.observe_embeddings(x, y).updated
     np.testing.assert_allclose(again.head.w1, learner.head.w1)
     assert again.head.stats[0, 0] == 64  # the input statistics froze after 64 samples
+
+
+# --------------------------------------------------------------------------- fast update paths
+# The update of the mlp head is optimised (budget: 2 ms p50 on 2 cores); these tests pin the
+# optimised paths to the plain computations they replace.
+
+
+class PlainBuffer(ReplayBuffer):
+    """The reservoir insert as first written (numpy counters, recounted every sample)."""
+
+    def _random_slot_of(self, cls, n_classes):
+        cand = self.rng.integers(self.size, size=8 * n_classes + 8)
+        hits = np.flatnonzero(self.labels[cand] == cls)
+        if len(hits):
+            return int(cand[hits[0]])
+        return int(self.rng.choice(np.flatnonzero(self.labels[: self.size] == cls)))
+
+    def add(self, z, y):
+        stored = set()
+        for row, c in enumerate(np.asarray(y).tolist()):
+            self.seen[c] += 1
+            n_classes = int(np.count_nonzero(self.counts))
+            if self.size < self.capacity:
+                slot = self.size
+                self.size += 1
+            else:
+                largest = int(self.counts.argmax())
+                if self.counts[c] < self.counts[largest]:
+                    slot = self._random_slot_of(largest, n_classes)
+                elif self.rng.random() * self.seen[c] < self.counts[c]:
+                    slot = self._random_slot_of(c, n_classes)
+                else:
+                    continue
+                self.counts[self.labels[slot]] -= 1
+            self.labels[slot] = c
+            self.counts[c] += 1
+            self.holdout[slot] = self.rng.random() < self.holdout_fraction
+            self._encode(np.asarray(z[row:row + 1], np.float32), np.array([slot]))
+            stored.add(slot)
+        return len(stored)
+
+
+@pytest.mark.parametrize("int8", [True, False])
+def test_reservoir_insert_draws_and_stores_as_the_plain_loop(int8):
+    fast, plain = (cls(D, 5_000, int8=int8, max_classes=16, seed=5)
+                   for cls in (ReplayBuffer, PlainBuffer))
+    rng = np.random.default_rng(2)
+    for step in range(60):  # classes arrive two at a time (evictions), then all mixed
+        y = rng.choice([2 * (step // 10), 2 * (step // 10) + 1] if step < 50 else range(12), 32)
+        z = (CENTERS[y] + rng.normal(size=(32, D))).astype(np.float32)
+        assert fast.add(z, y) == plain.add(z, y)
+    assert fast.size == plain.size == fast.capacity
+    for k, v in plain.get_state()[0].items():
+        np.testing.assert_array_equal(fast.get_state()[0][k], v, err_msg=k)
+    assert fast.rng.bit_generator.state == plain.rng.bit_generator.state
+
+
+def test_reused_forward_pass_gives_the_same_sgd_step():
+    rng = np.random.default_rng(3)
+    z, _ = blobs(rng, range(4), 64)
+    y = rng.integers(4, size=64)
+    a = MLPHead(D, 16, seed=1)
+    a.see(z)
+    a.grow(4)
+    a.w2 = rng.normal(size=a.w2.shape).astype(np.float32)
+    b = a.clone()
+    x, h, logits = a._forward(z)
+    a.learn(z[:0], y, 0.1, head_rows=(x, h, logits))  # the learner's path: no second pass
+    b.learn(z, y, 0.1)
+    for k, v in b.arrays().items():
+        np.testing.assert_array_equal(a.arrays()[k], v, err_msg=k)
+
+
+def test_guard_caches_agree_with_a_fresh_pass():
+    """Holdout rows, their pre-activations (low-rank updated) and the head's cached
+    predictions equal what a fresh pass over the buffer computes, after evictions."""
+    dim = 200  # wide enough latents (and batch 16 + 16) for the low-rank guard to pay
+    centers = np.random.default_rng(7).normal(size=(6, dim)).astype(np.float32)
+    cfg = LearnerConfig(head="mlp", lr=0.1, buffer_bytes=100_000, int8=True, max_classes=8,
+                        standardize_samples=64, replay_batch=16)
+    learner = ContinualLearner(None, cfg, dim=dim)
+    rng = np.random.default_rng(1)
+    for step in range(120):  # two classes at a time: new ones evict, holdout rows turn over
+        y = rng.choice([2 * (step // 40), 2 * (step // 40) + 1], 16)
+        z = centers[y] + rng.normal(size=(16, dim)).astype(np.float32)
+        learner.observe_embeddings(z, [f"c{c}" for c in y])
+    assert learner.buffer.size == learner.buffer.capacity
+    assert learner.counters["updates_accepted"] > 100
+    cache, buf, head = learner._holdout_cache, learner.buffer, learner.head
+    n = cache.n
+    assert n >= learner.config.guard_min_holdout and cache.pre_w1 is head.w1
+    assert cache.approx > 0  # the last guards took the low-rank path
+    slots = cache.slots[:n]
+    assert buf.holdout[slots].all() and len(set(slots.tolist())) == n
+    np.testing.assert_array_equal(cache.x[:n], head.prepare(buf._decode(slots)))
+    ok = cache.pre_ok[:n]
+    assert ok.all()
+    np.testing.assert_allclose(cache.pre[:n], cache.x[:n] @ head.w1, rtol=1e-4, atol=1e-4)
+    known, preds = learner._pred_cache
+    fresh = head.logits(buf._decode(slots))[:, :known].argmax(axis=1)
+    cached = preds[slots]
+    assert (cached[cached >= 0] == fresh[cached >= 0]).all()
