@@ -53,14 +53,19 @@ def test_pair_sampler_balanced_and_correct():
 
 
 @pytest.mark.parametrize("method,extra", [("siamese", "pairs: 16, "), ("matching", ""),
-                                          ("matching", "fce: true, "), ("relation", ""),
+                                          ("matching", "fce: true, "),
+                                          ("matching", "metric: euclidean, "),
+                                          ("matching", "learn_temperature: true, "),
+                                          ("relation", ""), ("relation", "loss: ce, "),
                                           ("maml", "inner_steps: 1, eval_inner_steps: 2, "
                                                    "meta_batch: 1, "),
                                           ("maml", "inner_steps: 1, eval_inner_steps: 1, "
                                                    "meta_batch: 1, adapt: head, "),
                                           ("maml", "inner_steps: 1, eval_inner_steps: 1, "
                                                    "meta_batch: 1, head_init: proto, "
-                                                   "inner_lr: 0.01, ")])
+                                                   "inner_lr: 0.01, "),
+                                          ("maml", "meta_batch: 1, head_init: proto, "
+                                                   "inner_lr: 0.01, eval_bn: running, ")])
 def test_method_trains_and_evaluates_on_novel_classes(tmp_path, base_novel, method, extra):
     splits, novel = base_novel
     cfg = load_config(None, [*BASE, f"run.dir={tmp_path}", f"method={method}",
@@ -150,3 +155,35 @@ def test_evaluate_checkpoint_uses_the_methods_own_classifier(tmp_path, fashion_s
     assert rep["results"][0]["acc"] > 0.35, rep["results"]
     with pytest.raises(EdgektError, match="were base"):
         evaluate_checkpoint(tmp_path / "last.pt", novel_classes=[5, 6], ways=2, episodes=2)
+
+
+def test_one_shot_euclidean_matching_is_the_prototype_classifier(tmp_path, base_novel):
+    """With one shot per class, attention over -||q - s||^2 ranks classes exactly as
+    ProtoNet's nearest prototype (Snell et al. 2017, sec. 2.4)."""
+    from edgekt.fewshot.evaluate import nearest_prototype
+
+    splits, _ = base_novel
+    cfg = load_config(None, [*BASE, f"run.dir={tmp_path}", "method=matching",
+                             f"method_args={{metric: euclidean, {ARGS}}}"])
+    task = Trainer(cfg, splits=splits).task
+    torch.manual_seed(0)
+    support, query = torch.randn(4, 16), torch.randn(30, 16)
+    labels = torch.tensor([2, 0, 3, 1])
+    ours = task.scores(support, labels, query, 4).argmax(1)
+    proto = nearest_prototype("euclidean")(support.numpy(), labels.numpy(), query.numpy(), 4)
+    assert torch.equal(ours, torch.from_numpy(proto))
+
+
+def test_learned_temperature_and_relation_ce_are_trained(tmp_path, base_novel):
+    splits, _ = base_novel
+    cfg = load_config(None, [*BASE, f"run.dir={tmp_path / 'm'}", "method=matching",
+                             f"method_args={{learn_temperature: true, {ARGS}, "
+                             "episodes_per_epoch: 5}"])
+    tr = Trainer(cfg, splits=splits)
+    assert any(p is tr.task.log_temperature for p in tr.task.extra_parameters())
+    tr.run()
+    assert abs(float(tr.task.log_temperature.detach().exp()) - 10.0) > 1e-4
+    # A fixed temperature stays out of the optimiser.
+    cfg = load_config(None, [*BASE, f"run.dir={tmp_path / 'f'}", "method=matching",
+                             f"method_args={{{ARGS}}}"])
+    assert not Trainer(cfg, splits=splits).task.extra_parameters()

@@ -13,7 +13,10 @@ of its support set (Proto-MAML, Triantafillou et al. 2020).
 The episode head (``n_way`` outputs) is meta-learned too and starts at zero, so every class
 starts symmetric whatever the episode's label order. Batch normalisation uses the statistics
 of the batch at hand (support, then query), as in the original MAML; evaluation never changes
-the model's running statistics.
+the model's running statistics. With ``eval_bn: running`` evaluation normalises with the running
+statistics gathered during meta-training instead (MAML++'s fix, Antoniou et al. 2019, with one
+set of statistics rather than one per step): a 1-shot support set of ``n_way`` images is a poor
+batch to normalise with, and support and query are then normalised alike.
 """
 
 from __future__ import annotations
@@ -59,6 +62,9 @@ class MamlArgs(EpisodeArgs):
     class starts symmetric), or Proto-MAML's (Triantafillou et al., ICLR 2020): the
     Euclidean prototype classifier of the support embeddings, ``W_c = 2 c``,
     ``b_c = -||c||^2``, through which the meta-gradient also flows."""
+    eval_bn: Literal["batch", "running"] = "batch"
+    """Batch-norm statistics when adapting to an evaluation episode: those of the batch at hand
+    (support, then query, as in training) or the running ones of meta-training."""
 
 
 def episode_logits(trunk: nn.Module, params: Params, x: torch.Tensor) -> torch.Tensor:
@@ -171,7 +177,7 @@ class MamlTask(EpisodicTask):
         params = {k: v.detach().requires_grad_(k in keys) for k, v in params.items()}
         params.update({k: b.clone() for k, b in trunk.named_buffers()})
         was = net.training
-        net.train()
+        net.train(self.margs.eval_bn == "batch")
         try:
             with torch.enable_grad():
                 logits = self._adapted_logits(
