@@ -110,6 +110,12 @@ def fewshot(root: Path, quick: bool, threads: int, steps: int | None,
         "Proto-MAML, 6-way 5-shot training": [
             "method=maml", "method_args={first_order: false, head_init: proto, "
                            f"{maml(0.01, way=n6, shot=5, batch=2)}}}"],
+        "Proto-MAML, episode BN": [
+            "method=maml", "method_args={first_order: false, head_init: proto, bn: episode, "
+                           f"{maml(0.01)}}}"],
+        "Proto-MAML, 6-way 5-shot training, episode BN": [
+            "method=maml", "method_args={first_order: false, head_init: proto, bn: episode, "
+                           f"{maml(0.01, way=n6, shot=5, batch=2)}}}"],
     }
     if candidates:
         recipes.update(variants)
@@ -140,6 +146,8 @@ def fewshot(root: Path, quick: bool, threads: int, steps: int | None,
             res["running_bn"] = _evaluate(tr, novel, base, ways, episodes)
         rows[name] = {"train_cpu_s": cpu, "eval_cpu_s": time.process_time() - t0,
                       "steps": tr.step, **res}
+        if hasattr(tr.task, "log_temperature"):  # matching: the (learned) temperature
+            rows[name]["temperature"] = float(tr.task.log_temperature.detach().exp())
     out = {"model": model, "train_steps": steps, "episodes": episodes, "ways": ways,
            "train_classes": train_classes, "eval_classes": eval_classes, "rows": rows}
     if pseudo_novel:

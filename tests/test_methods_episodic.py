@@ -65,7 +65,9 @@ def test_pair_sampler_balanced_and_correct():
                                                    "meta_batch: 1, head_init: proto, "
                                                    "inner_lr: 0.01, "),
                                           ("maml", "meta_batch: 1, head_init: proto, "
-                                                   "inner_lr: 0.01, eval_bn: running, ")])
+                                                   "inner_lr: 0.01, eval_bn: running, "),
+                                          ("maml", "meta_batch: 1, head_init: proto, "
+                                                   "inner_lr: 0.01, bn: episode, ")])
 def test_method_trains_and_evaluates_on_novel_classes(tmp_path, base_novel, method, extra):
     splits, novel = base_novel
     cfg = load_config(None, [*BASE, f"run.dir={tmp_path}", f"method={method}",
@@ -187,3 +189,15 @@ def test_learned_temperature_and_relation_ce_are_trained(tmp_path, base_novel):
     cfg = load_config(None, [*BASE, f"run.dir={tmp_path / 'f'}", "method=matching",
                              f"method_args={{{ARGS}}}"])
     assert not Trainer(cfg, splits=splits).task.extra_parameters()
+
+
+def test_maml_episode_bn_normalises_with_the_whole_episode():
+    torch.manual_seed(0)
+    net = create_model("cnn_xs", num_classes=3, in_channels=1, image_size=12)
+    trunk = Embedding(net).train()
+    params = dict(trunk.named_parameters())
+    xs, xq = torch.randn(3, 1, 12, 12), torch.randn(9, 1, 12, 12)
+    joint = features(trunk, params, torch.cat([xs, xq]))
+    assert torch.allclose(features(trunk, params, xs, xq), joint[:3], atol=1e-5)
+    assert torch.allclose(features(trunk, params, xq, xs), joint[3:], atol=1e-5)
+    assert not torch.allclose(features(trunk, params, xs), joint[:3], atol=1e-3)
