@@ -55,8 +55,7 @@ def test_pair_sampler_balanced_and_correct():
 @pytest.mark.parametrize("method,extra", [("siamese", "pairs: 16, "), ("matching", ""),
                                           ("matching", "fce: true, "),
                                           ("matching", "metric: euclidean, "),
-                                          ("matching", "learn_temperature: true, "),
-                                          ("relation", ""), ("relation", "loss: ce, "),
+                                          ("relation", ""), ("relation", "loss: mse, "),
                                           ("maml", "inner_steps: 1, eval_inner_steps: 2, "
                                                    "meta_batch: 1, "),
                                           ("maml", "inner_steps: 1, eval_inner_steps: 1, "
@@ -65,9 +64,8 @@ def test_pair_sampler_balanced_and_correct():
                                                    "meta_batch: 1, head_init: proto, "
                                                    "inner_lr: 0.01, "),
                                           ("maml", "meta_batch: 1, head_init: proto, "
-                                                   "inner_lr: 0.01, eval_bn: running, "),
-                                          ("maml", "meta_batch: 1, head_init: proto, "
-                                                   "inner_lr: 0.01, bn: episode, ")])
+                                                   "inner_lr: 0.01, bn: episode, "
+                                                   "eval_bn: running, ")])
 def test_method_trains_and_evaluates_on_novel_classes(tmp_path, base_novel, method, extra):
     splits, novel = base_novel
     cfg = load_config(None, [*BASE, f"run.dir={tmp_path}", f"method={method}",
