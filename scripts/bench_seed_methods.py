@@ -151,8 +151,8 @@ def fewshot(root: Path, quick: bool, threads: int, steps: int | None,
             res["running_bn"] = _evaluate(tr, novel, base, ways, episodes)
         rows[name] = {"train_cpu_s": cpu, "eval_cpu_s": time.process_time() - t0,
                       "steps": tr.step, **res}
-        if hasattr(tr.task, "log_temperature"):  # matching: the (learned) temperature
-            rows[name]["temperature"] = float(tr.task.log_temperature.detach().exp())
+        if tr.cfg.method == "matching":  # the (learned) attention temperature
+            rows[name]["temperature"] = float(tr.task.temperature())
     out = {"model": model, "train_steps": steps, "episodes": episodes, "ways": ways,
            "train_classes": train_classes, "eval_classes": eval_classes, "rows": rows}
     if pseudo_novel:

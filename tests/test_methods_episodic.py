@@ -174,7 +174,7 @@ def test_one_shot_euclidean_matching_is_the_prototype_classifier(tmp_path, base_
     assert torch.equal(ours, torch.from_numpy(proto))
 
 
-def test_learned_temperature_and_relation_ce_are_trained(tmp_path, base_novel):
+def test_matching_learned_temperature_is_trained_and_saved(tmp_path, base_novel):
     splits, _ = base_novel
     cfg = load_config(None, [*BASE, f"run.dir={tmp_path / 'm'}", "method=matching",
                              f"method_args={{learn_temperature: true, {ARGS}, "
@@ -182,11 +182,13 @@ def test_learned_temperature_and_relation_ce_are_trained(tmp_path, base_novel):
     tr = Trainer(cfg, splits=splits)
     assert any(p is tr.task.log_temperature for p in tr.task.extra_parameters())
     tr.run()
-    assert abs(float(tr.task.log_temperature.detach().exp()) - 10.0) > 1e-4
-    # A fixed temperature stays out of the optimiser.
+    assert abs(float(tr.task.temperature()) - 10.0) > 1e-4
+    assert "log_temperature" in tr.task.state_dict()
+    # A fixed temperature stays out of the optimiser and of the task's saved state.
     cfg = load_config(None, [*BASE, f"run.dir={tmp_path / 'f'}", "method=matching",
                              f"method_args={{{ARGS}}}"])
-    assert not Trainer(cfg, splits=splits).task.extra_parameters()
+    task = Trainer(cfg, splits=splits).task
+    assert not task.extra_parameters() and not task.state_dict().keys() - {"episodes_drawn"}
 
 
 def test_maml_episode_bn_normalises_with_the_whole_episode():

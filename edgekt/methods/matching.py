@@ -78,8 +78,17 @@ class MatchingTask(EpisodicTask):
         self.margs: MatchingArgs = args
         self.fce = FullContext(model.embedding_dim, args.fce_steps) if args.fce else None
         init = args.temperature or (10.0 if args.metric == "cosine" else 1.0)
-        self.log_temperature = nn.Parameter(torch.tensor(math.log(init)),
-                                            requires_grad=args.learn_temperature)
+        # A parameter only when learned, so checkpoints of fixed-temperature runs keep the
+        # task state they always had.
+        self.log_temperature = (nn.Parameter(torch.tensor(math.log(init)))
+                                if args.learn_temperature else None)
+        self.fixed_temperature = init
+
+    def temperature(self) -> torch.Tensor | float:
+        """The attention temperature (learned or fixed)."""
+        if self.log_temperature is None:
+            return self.fixed_temperature
+        return self.log_temperature.exp()
 
     def scores(self, support: torch.Tensor, labels: torch.Tensor, query: torch.Tensor,
                n_way: int) -> torch.Tensor:
@@ -87,8 +96,8 @@ class MatchingTask(EpisodicTask):
         s, q = support.float(), query.float()
         if self.fce is not None:
             s, q = self.fce(s, q)
-        att = torch.softmax(pairwise_logits(q, s, self.margs.metric,
-                                            self.log_temperature.exp()), dim=1)
+        att = torch.softmax(pairwise_logits(q, s, self.margs.metric, self.temperature()),
+                            dim=1)
         probs = att @ F.one_hot(labels, n_way).float()
         return probs.clamp_min(1e-8).log()
 
@@ -97,4 +106,4 @@ class MatchingTask(EpisodicTask):
         logp = self.scores(z[: len(xs)], ys, z[len(xs):], self.spec.n_way)
         loss = F.nll_loss(logp, yq)
         return loss, logp, {"nll": loss.detach(),
-                            "temperature": self.log_temperature.exp().detach()}
+                            "temperature": torch.as_tensor(self.temperature()).detach()}
