@@ -102,7 +102,7 @@ def fewshot(root: Path, quick: bool, threads: int, steps: int | None,
         "Proto-MAML (second-order)": [
             "method=maml", f"method_args={{first_order: false, head_init: proto, {maml(0.01)}}}"],
         # ProtoNet's episodes (6-way 5-shot) with a meta-batch of 2: 240 images a step, about
-        # the 256 of the rows above; chosen on the pseudo-novel splits (README).
+        # the 256 of the rows above; won on the pseudo-novel splits, lost on 6-9 (README).
         "Proto-MAML, 6-way 5-shot training": [
             "method=maml", "method_args={first_order: false, head_init: proto, "
                            f"{maml(0.01, way=n6, shot=5, batch=2)}}}"],
