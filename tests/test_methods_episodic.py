@@ -53,14 +53,19 @@ def test_pair_sampler_balanced_and_correct():
 
 
 @pytest.mark.parametrize("method,extra", [("siamese", "pairs: 16, "), ("matching", ""),
-                                          ("matching", "fce: true, "), ("relation", ""),
+                                          ("matching", "fce: true, "),
+                                          ("matching", "metric: euclidean, "),
+                                          ("relation", ""), ("relation", "loss: mse, "),
                                           ("maml", "inner_steps: 1, eval_inner_steps: 2, "
                                                    "meta_batch: 1, "),
                                           ("maml", "inner_steps: 1, eval_inner_steps: 1, "
                                                    "meta_batch: 1, adapt: head, "),
                                           ("maml", "inner_steps: 1, eval_inner_steps: 1, "
                                                    "meta_batch: 1, head_init: proto, "
-                                                   "inner_lr: 0.01, ")])
+                                                   "inner_lr: 0.01, "),
+                                          ("maml", "meta_batch: 1, head_init: proto, "
+                                                   "inner_lr: 0.01, bn: episode, "
+                                                   "eval_bn: running, ")])
 def test_method_trains_and_evaluates_on_novel_classes(tmp_path, base_novel, method, extra):
     splits, novel = base_novel
     cfg = load_config(None, [*BASE, f"run.dir={tmp_path}", f"method={method}",
@@ -150,3 +155,49 @@ def test_evaluate_checkpoint_uses_the_methods_own_classifier(tmp_path, fashion_s
     assert rep["results"][0]["acc"] > 0.35, rep["results"]
     with pytest.raises(EdgektError, match="were base"):
         evaluate_checkpoint(tmp_path / "last.pt", novel_classes=[5, 6], ways=2, episodes=2)
+
+
+def test_one_shot_euclidean_matching_is_the_prototype_classifier(tmp_path, base_novel):
+    """With one shot per class, attention over -||q - s||^2 ranks classes exactly as
+    ProtoNet's nearest prototype (Snell et al. 2017, sec. 2.4)."""
+    from edgekt.fewshot.evaluate import nearest_prototype
+
+    splits, _ = base_novel
+    cfg = load_config(None, [*BASE, f"run.dir={tmp_path}", "method=matching",
+                             f"method_args={{metric: euclidean, {ARGS}}}"])
+    task = Trainer(cfg, splits=splits).task
+    torch.manual_seed(0)
+    support, query = torch.randn(4, 16), torch.randn(30, 16)
+    labels = torch.tensor([2, 0, 3, 1])
+    ours = task.scores(support, labels, query, 4).argmax(1)
+    proto = nearest_prototype("euclidean")(support.numpy(), labels.numpy(), query.numpy(), 4)
+    assert torch.equal(ours, torch.from_numpy(proto))
+
+
+def test_matching_learned_temperature_is_trained_and_saved(tmp_path, base_novel):
+    splits, _ = base_novel
+    cfg = load_config(None, [*BASE, f"run.dir={tmp_path / 'm'}", "method=matching",
+                             f"method_args={{learn_temperature: true, {ARGS}, "
+                             "episodes_per_epoch: 5}"])
+    tr = Trainer(cfg, splits=splits)
+    assert any(p is tr.task.log_temperature for p in tr.task.extra_parameters())
+    tr.run()
+    assert abs(float(tr.task.temperature()) - 10.0) > 1e-4
+    assert "log_temperature" in tr.task.state_dict()
+    # A fixed temperature stays out of the optimiser and of the task's saved state.
+    cfg = load_config(None, [*BASE, f"run.dir={tmp_path / 'f'}", "method=matching",
+                             f"method_args={{{ARGS}}}"])
+    task = Trainer(cfg, splits=splits).task
+    assert not task.extra_parameters() and not task.state_dict().keys() - {"episodes_drawn"}
+
+
+def test_maml_episode_bn_normalises_with_the_whole_episode():
+    torch.manual_seed(0)
+    net = create_model("cnn_xs", num_classes=3, in_channels=1, image_size=12)
+    trunk = Embedding(net).train()
+    params = dict(trunk.named_parameters())
+    xs, xq = torch.randn(3, 1, 12, 12), torch.randn(9, 1, 12, 12)
+    joint = features(trunk, params, torch.cat([xs, xq]))
+    assert torch.allclose(features(trunk, params, xs, xq), joint[:3], atol=1e-5)
+    assert torch.allclose(features(trunk, params, xq, xs), joint[3:], atol=1e-5)
+    assert not torch.allclose(features(trunk, params, xs), joint[:3], atol=1e-3)

@@ -12,8 +12,12 @@ of its support set (Proto-MAML, Triantafillou et al. 2020).
 
 The episode head (``n_way`` outputs) is meta-learned too and starts at zero, so every class
 starts symmetric whatever the episode's label order. Batch normalisation uses the statistics
-of the batch at hand (support, then query), as in the original MAML; evaluation never changes
-the model's running statistics.
+of the batch at hand (support, then query), as in the original MAML, or of the whole episode
+(``bn: episode``); evaluation never changes
+the model's running statistics. With ``eval_bn: running`` evaluation normalises with the running
+statistics gathered during meta-training instead (MAML++'s fix, Antoniou et al. 2019, with one
+set of statistics rather than one per step): a 1-shot support set of ``n_way`` images is a poor
+batch to normalise with, and support and query are then normalised alike.
 """
 
 from __future__ import annotations
@@ -59,19 +63,32 @@ class MamlArgs(EpisodeArgs):
     class starts symmetric), or Proto-MAML's (Triantafillou et al., ICLR 2020): the
     Euclidean prototype classifier of the support embeddings, ``W_c = 2 c``,
     ``b_c = -||c||^2``, through which the meta-gradient also flows."""
+    bn: Literal["batch", "episode"] = "batch"
+    """Batch-norm statistics of each pass in training mode: of the batch at hand (support,
+    then query: the original MAML, where a 1-shot support set is a batch of ``n_way``
+    images) or of the whole episode (support and query in one pass, each then taking its
+    own rows), so support and query are normalised alike, as in ProtoNet's training pass.
+    Both are transductive over the query set."""
+    eval_bn: Literal["batch", "running"] = "batch"
+    """Batch-norm statistics when adapting to an evaluation episode: as in training (``bn``)
+    or the running ones of meta-training."""
 
 
-def episode_logits(trunk: nn.Module, params: Params, x: torch.Tensor) -> torch.Tensor:
+def episode_logits(trunk: nn.Module, params: Params, x: torch.Tensor,
+                   context: torch.Tensor | None = None) -> torch.Tensor:
     """Logits of ``x`` under ``params`` (trunk parameters/buffers and ``head.*``)."""
-    trunk_state = {k: v for k, v in params.items() if not k.startswith("head.")}
-    z = functional_call(trunk, trunk_state, (x,), strict=False)
-    return F.linear(z.float(), params["head.weight"], params["head.bias"])
+    z = features(trunk, params, x, context)
+    return F.linear(z, params["head.weight"], params["head.bias"])
 
 
-def features(trunk: nn.Module, params: Params, x: torch.Tensor) -> torch.Tensor:
-    """Embeddings of ``x`` under the trunk entries of ``params``."""
+def features(trunk: nn.Module, params: Params, x: torch.Tensor,
+             context: torch.Tensor | None = None) -> torch.Tensor:
+    """Embeddings of ``x`` under the trunk entries of ``params``; with ``context``, ``x`` is
+    passed together with those images (so batch norm in training mode normalises it with the
+    statistics of both) and only its own rows are returned."""
     trunk_state = {k: v for k, v in params.items() if not k.startswith("head.")}
-    return functional_call(trunk, trunk_state, (x,), strict=False).float()
+    batch = x if context is None else torch.cat([x, context])
+    return functional_call(trunk, trunk_state, (batch,), strict=False)[: len(x)].float()
 
 
 def head_inner_loop(zs: torch.Tensor, ys: torch.Tensor, weight: torch.Tensor,
@@ -87,14 +104,16 @@ def head_inner_loop(zs: torch.Tensor, ys: torch.Tensor, weight: torch.Tensor,
 
 
 def inner_loop(trunk: nn.Module, params: Params, adapt_keys: list[str], xs: torch.Tensor,
-               ys: torch.Tensor, *, steps: int, lr: float, first_order: bool) -> Params:
+               ys: torch.Tensor, *, steps: int, lr: float, first_order: bool,
+               context: torch.Tensor | None = None) -> Params:
     """``steps`` SGD steps on the support loss; returns the adapted parameters.
 
     With ``first_order=False`` the result stays differentiable w.r.t. the initial parameters
-    through the gradients themselves (second-order MAML).
+    through the gradients themselves (second-order MAML). ``context``: images passed with the
+    support set for its batch-norm statistics (``bn: episode``), not in the loss.
     """
     for _ in range(steps):
-        loss = F.cross_entropy(episode_logits(trunk, params, xs), ys)
+        loss = F.cross_entropy(episode_logits(trunk, params, xs, context), ys)
         grads = torch.autograd.grad(loss, [params[k] for k in adapt_keys],
                                     create_graph=not first_order)
         params = {**params, **{k: params[k] - lr * g
@@ -147,19 +166,21 @@ class MamlTask(EpisodicTask):
                         first_order: bool) -> torch.Tensor:
         """Query logits after adapting ``params`` to the support set (xs, ys)."""
         lr = self.margs.inner_lr
+        # bn: episode normalises each pass with the whole episode's statistics.
+        ctx_s, ctx_q = (xq, xs) if self.margs.bn == "episode" else (None, None)
         zs = None
         if self.margs.head_init == "proto":
-            zs = features(trunk, params, xs)
+            zs = features(trunk, params, xs, ctx_s)
             c = prototypes_of(zs, ys, params["head.weight"].shape[0])
             params = {**params, "head.weight": 2 * c, "head.bias": -(c * c).sum(1)}
         if self.margs.adapt == "head":  # ANIL: trunk features once, then a head-only loop
-            zs = features(trunk, params, xs) if zs is None else zs
+            zs = features(trunk, params, xs, ctx_s) if zs is None else zs
             w, b = head_inner_loop(zs, ys, params["head.weight"], params["head.bias"],
                                    steps=steps, lr=lr, first_order=first_order)
-            return F.linear(features(trunk, params, xq), w, b)
+            return F.linear(features(trunk, params, xq, ctx_q), w, b)
         adapted = inner_loop(trunk, params, keys, xs, ys, steps=steps, lr=lr,
-                             first_order=first_order)
-        return episode_logits(trunk, adapted, xq)
+                             first_order=first_order, context=ctx_s)
+        return episode_logits(trunk, adapted, xq, ctx_q)
 
     def adapt_and_predict(self, model: nn.Module, xs: torch.Tensor, ys: torch.Tensor,
                           xq: torch.Tensor, n_way: int) -> torch.Tensor:
@@ -171,7 +192,7 @@ class MamlTask(EpisodicTask):
         params = {k: v.detach().requires_grad_(k in keys) for k, v in params.items()}
         params.update({k: b.clone() for k, b in trunk.named_buffers()})
         was = net.training
-        net.train()
+        net.train(self.margs.eval_bn == "batch")
         try:
             with torch.enable_grad():
                 logits = self._adapted_logits(
