@@ -64,3 +64,43 @@ def test_weights_for_another_architecture_are_refused(tmp_path):
     m = create_model("cnn_s", num_classes=10, in_channels=1, image_size=28)
     with pytest.raises(EdgektError, match="no tensor matches"):
         load_weights(m, tmp_path / "x.pt")
+
+
+def test_compact_taps_make_a_multi_layer_embedding(tmp_path):
+    """taps=[2]: the L2-normalised pooled stage-2 output (x tap_scale) goes in front of the
+    unchanged final embedding; the head and the exported embedding see the concatenation."""
+    torch.manual_seed(0)
+    plain = create_model("cnn_xs", num_classes=5, in_channels=1, image_size=28).eval()
+    tapped = create_model("cnn_xs", num_classes=5, in_channels=1, image_size=28, taps=[2],
+                          tap_scale=2.0).eval()
+    assert tapped.embedding_dim == 16 + 32 and tapped.head.in_features == 48
+    tapped.load_state_dict({k: v for k, v in plain.state_dict().items()
+                            if not k.startswith("head")}, strict=False)
+    x, emb = assert_embedding_head_split(tapped)
+    with torch.no_grad():
+        assert torch.allclose(emb[:, 16:], plain.forward_features(x), atol=1e-6)
+        assert torch.allclose(emb[:, :16].norm(dim=1), torch.full((2,), 2.0), atol=1e-5)
+        stage2 = plain.stage2(plain.stage1(x)).mean((2, 3))
+        assert torch.allclose(emb[:, :16], 2.0 * torch.nn.functional.normalize(stage2), atol=1e-5)
+    both = create_model("cnn_xs", num_classes=5, in_channels=1, image_size=28, taps=[2, 1])
+    assert both.taps == (1, 2) and both.embedding_dim == 8 + 16 + 32
+    for bad in ({"taps": [3]}, {"taps": [2, 2]}, {"taps": [2], "tap_scale": 0.0}):
+        with pytest.raises(EdgektError, match="taps must be distinct stage numbers"):
+            create_model("cnn_xs", num_classes=5, in_channels=1, image_size=28, **bad)
+
+    # The exported embedding (ONNX, run by edgekt.devices) outputs the same concatenation.
+    from edgekt.data.base import DatasetInfo
+    from edgekt.devices import EdgeModel
+    from edgekt.exporters.meta import build_meta
+    from edgekt.exporters.onnx_export import export_onnx
+
+    info = DatasetInfo(name="fashion-mnist", num_classes=5, in_channels=1, image_size=28,
+                       mean=[0.5], std=[0.25], labels=[str(i) for i in range(5)])
+    meta = build_meta(info, part="embedding", model_name="cnn_xs",
+                      embedding_dim=tapped.embedding_dim, dynamic_batch=True)
+    export_onnx(Embedding(tapped), meta, tmp_path / "emb.onnx")
+    raw = torch.randint(0, 256, (3, 28, 28), dtype=torch.uint8).numpy()
+    with torch.no_grad():
+        ref = tapped.forward_features((torch.as_tensor(raw).float()[:, None] / 255 - 0.5) / 0.25)
+    got = EdgeModel.load(tmp_path / "emb.onnx", threads=1).embed(raw)
+    assert got.shape == (3, 48) and abs(got - ref.numpy()).max() < 1e-4
