@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from edgekt.errors import EdgektError
 from edgekt.models.base import EdgeNet
 from edgekt.models.registry import MODELS
 
@@ -29,14 +25,7 @@ def _conv_bn(cin: int, cout: int) -> nn.Sequential:
 
 
 class CompactCNN(EdgeNet):
-    """Three stages of two 3x3 conv-BN-ReLU blocks, max-pool between stages, global average pool.
-
-    ``taps`` (stage numbers 1 or 2) makes a multi-layer embedding: the global-average-pooled
-    output of each tapped stage, L2-normalised and scaled by ``tap_scale``, is prepended to the
-    final embedding (which stays as it is). Earlier layers are less specialised to the training
-    classes (Yosinski et al. 2014), so the concatenation transfers better to unseen classes and
-    other domains; the head and any exported embedding see the whole concatenation.
-    """
+    """Three stages of two 3x3 conv-BN-ReLU blocks, max-pool between stages, global average pool."""
 
     def __init__(
         self,
@@ -45,31 +34,18 @@ class CompactCNN(EdgeNet):
         widths: tuple[int, int, int] = (16, 32, 64),
         width_mult: float = 1.0,
         dropout: float = 0.0,
-        taps: Sequence[int] = (),
-        tap_scale: float = 1.0,
     ) -> None:
         super().__init__()
-        if any(t not in (1, 2) for t in taps) or len(set(taps)) != len(taps) or tap_scale <= 0:
-            raise EdgektError(f"model.kwargs: taps must be distinct stage numbers among 1, 2 "
-                              f"and tap_scale > 0 (got taps={list(taps)}, tap_scale={tap_scale})")
         c1, c2, c3 = (max(4, int(round(w * width_mult))) for w in widths)
         self.stage1 = nn.Sequential(_conv_bn(in_channels, c1), _conv_bn(c1, c1))
         self.stage2 = nn.Sequential(nn.MaxPool2d(2), _conv_bn(c1, c2), _conv_bn(c2, c2))
         self.stage3 = nn.Sequential(nn.MaxPool2d(2), _conv_bn(c2, c3), _conv_bn(c3, c3))
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout))
-        self.taps, self.tap_scale = tuple(sorted(taps)), float(tap_scale)
-        self.embedding_dim = c3 + sum((c1, c2)[t - 1] for t in self.taps)
-        self.head = nn.Linear(self.embedding_dim, num_classes)
+        self.embedding_dim = c3
+        self.head = nn.Linear(c3, num_classes)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.taps:
-            return self.pool(self.stage3(self.stage2(self.stage1(x))))
-        parts, h = [], x
-        for i, stage in enumerate((self.stage1, self.stage2), start=1):
-            h = stage(h)
-            if i in self.taps:
-                parts.append(self.tap_scale * F.normalize(h.mean((2, 3)), dim=1, eps=1e-6))
-        return torch.cat([*parts, self.pool(self.stage3(h))], 1)
+        return self.pool(self.stage3(self.stage2(self.stage1(x))))
 
     def stages(self) -> list[nn.Module]:
         return [self.stage1, self.stage2, self.stage3]
