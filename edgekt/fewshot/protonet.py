@@ -24,6 +24,7 @@ from edgekt.config import Config, Strict, validate
 from edgekt.data import Splits
 from edgekt.data.base import random_crop_flip
 from edgekt.engine.tasks import METHODS, StepOutput, Task
+from edgekt.errors import EdgektError
 from edgekt.fewshot.episodes import EpisodeSampler, EpisodeSpec, normalise
 from edgekt.fewshot.evaluate import (
     TorchEmbedder,
@@ -79,6 +80,11 @@ class ProtoNetTask(Task):
         self.splits_eval = {"val": splits.val, "test": splits.test}
         self.sampler = EpisodeSampler(self.split.targets, self.spec, seed=cfg.train.seed,
                                       source="training split (data.classes = base classes)")
+        h, w = self.split.images.shape[-2:]
+        if a.rotation_weight > 0 and h != w:
+            raise EdgektError(f"method_args.rotation_weight needs square images (a 90-degree "
+                              f"rotation keeps the shape); {cfg.data.name} images are {h}x{w}: "
+                              f"set data.image_size or rotation_weight: 0")
         self.rot_head = nn.Linear(model.embedding_dim, 4) if a.rotation_weight > 0 else None
         self.augment = cfg.data.augment
         self.transform = default_transform("protonet", a.metric) if a.transform == "auto" \
