@@ -7,14 +7,19 @@ cross-domain to MNIST digits (mnist-5k); host and device (edgekt.devices) number
 Recipes, all on the same backbone (cnn_s) and trained through edgekt's one fit() loop:
   baseline    ProtoNet as in easyfsl's example recipe: 5-way 5-shot 10-query episodes, Adam
               lr 1e-3, no schedule, 500 episodes (the issue's easyfsl number is quoted beside)
-  protonet    edgekt's recipe: all 6 base classes per episode, 15 queries, lr 3e-3 with a cosine
-              schedule, plus a base-class cross-entropy on the episode images (ce_weight 0.5),
-              same 500 episodes
-  protonet+aug  the same with random crop + flip augmentation of the episode images
+  protonet    the shipped recipe, edgekt/configs/fewshot_protonet.yaml: all 6 base classes per
+              episode, 15 queries, lr 3e-3 with a cosine schedule, a base-class cross-entropy
+              (ce_weight 0.5), crop/flip augmentation, a rotation-prediction auxiliary loss and
+              L2-normalised embeddings at evaluation; same 500 episodes
+  protonet-openset  fewshot_protonet_openset.yaml: the same without augmentation, rotation and
+              L2 (the shipped recipe before; rejects unseen same-domain classes better)
   simpleshot  supervised cross-entropy on the base classes, embedding with centring + L2
 Evaluation: 600 random episodes per row, mean ± 95% CI, fixed seed (identical episodes across
-recipes). The protonet recipe is then packaged (embedding export + base-class calibration) and
-evaluated again through edgekt.devices; enroll/predict latency and open-set rates are reported.
+recipes). ``--eval-split train`` evaluates on validation episodes instead (the novel classes'
+*training* images and mnist-5k's training images, another seed): how the recipe was chosen.
+Both protonet recipes are then packaged (embedding export + base-class calibration) and
+evaluated again through edgekt.devices; enroll/predict latency (shipped recipe) and open-set
+rates are reported.
 
 Open set, both rejection rules in the same run (``normalized``: whitened distance over the
 class's own expected spread, the default; ``distance``: one global distance threshold, the
@@ -27,7 +32,8 @@ thresholds set with the novel labels: a bound, not deployable). Finally the devi
 the package's classifier is calibrated with each rule, novel classes are enrolled and the
 rest predicted through edgekt.devices (the shipped code path, not a simulation).
 
-    python scripts/bench_fewshot.py --recipes protonet --out runs/bench_open_set.json
+    python scripts/bench_fewshot.py --recipes protonet,protonet-openset --out runs/open.json
+    python scripts/bench_fewshot.py --eval-split train --episodes 300 --out runs/val.json
 """
 
 from __future__ import annotations
@@ -52,31 +58,34 @@ BASE = [0, 1, 2, 3, 4, 5]
 console = Console(width=150)
 
 
-def recipes(quick: bool) -> dict[str, list[str]]:
+CONFIGS = Path(__file__).resolve().parents[1] / "edgekt" / "configs"
+SHIPPED = "protonet"
+"""The recipe `fewshot_protonet.yaml` ships; the device part always runs it."""
+
+
+def recipes(quick: bool) -> dict[str, tuple[Path | None, list[str]]]:
+    """name -> (config file or None for edgekt's defaults, overrides)."""
     # An epoch has ceil(32,400 / batch_size) episodes: 324 -> 100 per epoch, 5 epochs = 500.
     ep = ["data.batch_size=540", "train.epochs=1"] if quick else \
         ["data.batch_size=324", "train.epochs=5"]
     return {
-        "baseline": ["method=protonet", "method_args.n_way=5", "method_args.k_shot=5",
-                     "method_args.n_query=10", "optim.lr=0.001", "sched.name=none", *ep],
-        "protonet": ["method=protonet", "method_args.n_way=6", "method_args.k_shot=5",
-                     "method_args.n_query=15", "method_args.ce_weight=0.5", "optim.lr=0.003",
-                     "sched.name=cosine", *ep],
-        "protonet+aug": ["method=protonet", "method_args.n_way=6", "method_args.k_shot=5",
-                         "method_args.n_query=15", "method_args.ce_weight=0.5", "optim.lr=0.003",
-                         "sched.name=cosine", "data.augment=true", *ep],
-        "simpleshot": ["method=supervised", "optim.lr=0.003", "train.epochs=1",
-                       *(["data.limit=3000"] if quick else [])],
+        "baseline": (None, ["method=protonet", "method_args.n_way=5", "method_args.k_shot=5",
+                            "method_args.n_query=10", "optim.lr=0.001", "sched.name=none", *ep]),
+        SHIPPED: (CONFIGS / "fewshot_protonet.yaml", ep),
+        "protonet-openset": (CONFIGS / "fewshot_protonet_openset.yaml", ep),
+        "simpleshot": (None, ["method=supervised", "optim.lr=0.003", "train.epochs=1",
+                              *(["data.limit=3000"] if quick else [])]),
     }
 
 
-def train(name: str, overrides: list[str], root: Path, splits) -> dict[str, Any]:
+def train(name: str, config: Path | None, overrides: list[str], root: Path, splits
+          ) -> dict[str, Any]:
     from edgekt.config import load_config
     from edgekt.engine import fit
 
-    cfg = load_config(None, [f"run.dir={root / name}", "model.name=cnn_s",
-                             f"data.classes={BASE}", "train.progress=false", "train.seed=0",
-                             *overrides])
+    cfg = load_config(config, [f"run.dir={root / name}", "model.name=cnn_s",
+                               f"data.classes={BASE}", "train.progress=false", "train.seed=0",
+                               *overrides])
     wall, cpu = time.perf_counter(), time.process_time()
     result = fit(cfg, force=True, splits=splits)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
@@ -86,18 +95,22 @@ def train(name: str, overrides: list[str], root: Path, splits) -> dict[str, Any]
     images = min(result.metrics["step"] * per_step,
                  result.metrics["step"] * per_step if cfg.method == "protonet"
                  else (cfg.data.limit or len(splits.train)) * cfg.train.epochs)
-    return {"checkpoint": str(root / name / "last.pt"), "steps": result.metrics["step"],
+    return {"checkpoint": str(root / name / "last.pt"), "config": str(config) if config else None,
+            "overrides": overrides, "method_args": dict(a), "augment": cfg.data.augment,
+            "steps": result.metrics["step"],
             "episodes": result.metrics["step"] if cfg.method == "protonet" else None,
             "train_images_seen": images, "train_wall_s": wall, "train_cpu_s": cpu,
             "params": result.metrics["params"]}
 
 
-def evaluate(ckpt: str, episodes: int) -> dict[str, Any]:
+def evaluate(ckpt: str, episodes: int, split: str = "test") -> dict[str, Any]:
     from edgekt.fewshot.evaluate import fewshot_evaluate
 
-    fashion = fewshot_evaluate(ckpt, ways=4, shots=(1, 5), episodes=episodes, open_set=False)
+    seed = 1 if split == "train" else 0  # validation episodes differ from test ones
+    fashion = fewshot_evaluate(ckpt, ways=4, shots=(1, 5), episodes=episodes, open_set=False,
+                               split=split, seed=seed)
     mnist = fewshot_evaluate(ckpt, dataset="mnist-5k", ways=5, shots=(1, 5), episodes=episodes,
-                             open_set=False)
+                             open_set=False, split=split, seed=seed)
     return {"fashion": fashion, "mnist": mnist}
 
 
@@ -189,8 +202,11 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=None, help="run directories (default: tmp)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--recipes", default=None,
-                    help="comma-separated subset of the recipes (default: all; the device and "
-                         "open-set part always uses protonet)")
+                    help="comma-separated subset of the recipes (default: all; protonet, the "
+                         "shipped one, always runs)")
+    ap.add_argument("--eval-split", choices=("test", "train"), default="test",
+                    help="novel images to evaluate on: test, or train for validation episodes "
+                         "(choosing a recipe; skips the open-set and device part)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     episodes = args.episodes or (100 if args.quick else 600)
@@ -206,44 +222,65 @@ def main() -> None:
     out: dict[str, Any] = {"quick": args.quick, "eval_episodes": episodes, "backbone": "cnn_s",
                            "host": {"cpu_count": os.cpu_count(), "load_avg": os.getloadavg(),
                                     "machine": platform.machine(), "torch": torch.__version__,
-                                    "threads": args.threads},
+                                    "threads": args.threads, "cpu_flags": cpu_flags()},
+                           "eval_split": args.eval_split,
                            "quoted_easyfsl_protonet_500ep": QUOTED, "recipes": {}}
     chosen = recipes(args.quick)
     if args.recipes:
-        wanted = {r.strip() for r in args.recipes.split(",")} | {"protonet"}
+        wanted = {r.strip() for r in args.recipes.split(",")} | {SHIPPED}
         if wanted - set(chosen):
             ap.error(f"unknown recipe(s) {sorted(wanted - set(chosen))}; valid: {list(chosen)}")
         chosen = {k: v for k, v in chosen.items() if k in wanted}
-    for name, overrides in chosen.items():
-        console.print(f"[bold]{name}[/]: training ({' '.join(overrides)})")
-        row = train(name, overrides, root, splits)
-        row["eval"] = evaluate(row["checkpoint"], episodes)
+    for name, (config, overrides) in chosen.items():
+        console.print(f"[bold]{name}[/]: training ({config.name if config else 'defaults'} "
+                      f"{' '.join(overrides)})")
+        row = train(name, config, overrides, root, splits)
+        row["eval"] = evaluate(row["checkpoint"], episodes, args.eval_split)
         out["recipes"][name] = row
 
-    console.print("[bold]device[/]: packaging the protonet recipe (embedding export + calibration)")
-    pkg = root / "package"
-    _, calib = build_package(out["recipes"]["protonet"]["checkpoint"], pkg, force=True,
-                             val_samples=500, test_samples=1000)
+    if args.eval_split == "train":  # validation: recipe choice only, no open set / device part
+        report(out)
+        _write(out, args.out)
+        return
     from edgekt.fewshot.evaluate import fewshot_evaluate
 
-    dev = fewshot_evaluate(out["recipes"]["protonet"]["checkpoint"], package=pkg, ways=4,
-                           shots=(1, 5), episodes=episodes, open_set_shots=(1, 5))
     novel = build_splits(DataConfig(name="fashion-mnist", classes=[6, 7, 8, 9],
                                     val_fraction=0.0)).test
-    console.print("[bold]device[/]: open set through edgekt.devices, both rules")
     novel_raw, novel_y = raw_images(novel), novel.targets.numpy()
-    out["device"] = {"package": str(pkg), "eval": dev, "calibration": calib.as_dict(),
-                     "open_set": device_open_set(pkg, raw_images(splits.val),
-                                                 splits.val.targets.numpy(), novel_raw, novel_y,
-                                                 5 if args.quick else 20),
-                     "latency": device_latency(pkg, novel_raw, novel_y,
-                                               10 if args.quick else 20)}
+    out["device"] = {}
+    for name in (n for n in (SHIPPED, "protonet-openset") if n in out["recipes"]):
+        console.print(f"[bold]device[/]: packaging {name} (embedding export + calibration), "
+                      "then open set through edgekt.devices, both rules")
+        pkg = root / f"package-{name}"
+        ckpt = out["recipes"][name]["checkpoint"]
+        _, calib = build_package(ckpt, pkg, force=True, val_samples=500, test_samples=1000)
+        dev = fewshot_evaluate(ckpt, package=pkg, ways=4, shots=(1, 5), episodes=episodes,
+                               open_set_shots=(1, 5))
+        out["device"][name] = {
+            "package": str(pkg), "eval": dev, "calibration": calib.as_dict(),
+            "open_set": device_open_set(pkg, raw_images(splits.val), splits.val.targets.numpy(),
+                                        novel_raw, novel_y, 5 if args.quick else 20)}
+    out["device"][SHIPPED]["latency"] = device_latency(
+        Path(out["device"][SHIPPED]["package"]), novel_raw, novel_y, 10 if args.quick else 20)
     out["host"]["load_avg_end"] = os.getloadavg()
     report(out)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(out, indent=2, default=float))
-        console.print(f"wrote {args.out}")
+    _write(out, args.out)
+
+
+def _write(out: dict[str, Any], path: Path | None) -> None:
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(out, indent=2, default=float))
+        console.print(f"wrote {path}")
+
+
+def cpu_flags() -> list[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    words = set(text.split())
+    return sorted(f for f in ("avx2", "avx512f", "avx512_vnni", "amx_tile") if f in words)
 
 
 def _acc(rows: list[dict], k: int) -> tuple[float, float]:
@@ -252,44 +289,49 @@ def _acc(rows: list[dict], k: int) -> tuple[float, float]:
 
 
 def report(out: dict[str, Any]) -> None:
-    t = Table(title=f"Few-shot, cnn_s backbone, {out['eval_episodes']} episodes per cell "
+    split = "validation (novel classes' training images)" if out["eval_split"] == "train" \
+        else "test"
+    t = Table(title=f"Few-shot, cnn_s backbone, {out['eval_episodes']} {split} episodes per cell "
                     f"(mean ± 95% CI); load avg {out['host']['load_avg'][0]:.1f}")
     for col in ("recipe", "train episodes", "train CPU s", "Fashion 4w1s", "Fashion 4w5s",
-                "vs baseline 1s/5s", "MNIST 5w1s", "MNIST 5w5s"):
+                "MNIST 5w1s", "MNIST 5w5s", "vs baseline (F1/F5/M1/M5, pt)"):
         t.add_column(col)
-    has_base = "baseline" in out["recipes"]
-    base = out["recipes"]["baseline" if has_base else "protonet"]["eval"]["fashion"]["results"][
-        "torch"]
+    base = out["recipes"].get("baseline")
     q1, q5 = QUOTED["1"], QUOTED["5"]
-    t.add_row("easyfsl ProtoNet (quoted)", "500", "", f"{100 * q1[0]:.1f} ± {100 * q1[1]:.1f}",
-              f"{100 * q5[0]:.1f} ± {100 * q5[1]:.1f}", "", "", "")
+    if out["eval_split"] == "test":
+        t.add_row("easyfsl ProtoNet (quoted)", "500", "", f"{100 * q1[0]:.1f} ± {100 * q1[1]:.1f}",
+                  f"{100 * q5[0]:.1f} ± {100 * q5[1]:.1f}", "", "", "")
     for name, row in out["recipes"].items():
-        f = row["eval"]["fashion"]["results"]["torch"]
-        m = row["eval"]["mnist"]["results"]["torch"]
-        d1, d5 = (100 * (_acc(f, k)[0] - _acc(base, k)[0]) for k in (1, 5))
-        t.add_row(name, str(row["episodes"] or f"{row['steps']} batches"),
-                  f"{row['train_cpu_s']:.0f}",
-                  *(f"{100 * a:.1f} ± {100 * c:.1f}" for a, c in (_acc(f, 1), _acc(f, 5))),
-                  f"{d1:+.1f} / {d5:+.1f} pt" if has_base else "",
-                  *(f"{100 * a:.1f} ± {100 * c:.1f}" for a, c in (_acc(m, 1), _acc(m, 5))))
+        cells = [_acc(row["eval"][d]["results"]["torch"], k)
+                 for d in ("fashion", "mnist") for k in (1, 5)]
+        delta = ""
+        if base is not None:
+            ref = [_acc(base["eval"][d]["results"]["torch"], k)[0]
+                   for d in ("fashion", "mnist") for k in (1, 5)]
+            delta = " / ".join(f"{100 * (c[0] - r):+.1f}" for c, r in zip(cells, ref, strict=True))
+        t.add_row(name + (" (shipped)" if name == SHIPPED else ""),
+                  str(row["episodes"] or f"{row['steps']} batches"), f"{row['train_cpu_s']:.0f}",
+                  *(f"{100 * a:.1f} ± {100 * c:.1f}" for a, c in cells), delta)
     console.print(t)
-    dev = out["device"]
-    ev = dev["eval"]
-    d = Table(title="protonet recipe on the device runtime (edgekt.devices, onnxruntime, 1 thread)")
-    for col in ("what", "value"):
-        d.add_column(col)
-    for k in (1, 5):
-        a, c = _acc(ev["results"]["device"], k)
-        d.add_row(f"Fashion 4-way {k}-shot, device", f"{100 * a:.2f} ± {100 * c:.2f}% "
-                  f"(agreement with PyTorch {100 * ev['agreement'][k]:.2f}%)")
-    lat = dev["latency"]
-    d.add_row("model load", f"{1e3 * lat['load_s']:.1f} ms")
-    d.add_row("enroll 5 shots (embed + fsynced save), p50 / max",
-              f"{lat['enroll5_ms_p50']:.2f} / {lat['enroll5_ms_max']:.2f} ms")
-    d.add_row("predict 1 image: first / p50 / p90", f"{lat['predict_first_ms']:.2f} / "
-              f"{lat['predict_ms_p50']:.3f} / {lat['predict_ms_p90']:.3f} ms")
-    console.print(d)
-    open_set_table(ev["open_set"], dev["open_set"])
+    for name, dev in out.get("device", {}).items():
+        ev = dev["eval"]
+        d = Table(title=f"{name} recipe on the device runtime (edgekt.devices, onnxruntime, "
+                        "1 thread)")
+        for col in ("what", "value"):
+            d.add_column(col)
+        for k in (1, 5):
+            a, c = _acc(ev["results"]["device"], k)
+            d.add_row(f"Fashion 4-way {k}-shot, device", f"{100 * a:.2f} ± {100 * c:.2f}% "
+                      f"(agreement with PyTorch {100 * ev['agreement'][k]:.2f}%)")
+        if "latency" in dev:
+            lat = dev["latency"]
+            d.add_row("model load", f"{1e3 * lat['load_s']:.1f} ms")
+            d.add_row("enroll 5 shots (embed + fsynced save), p50 / max",
+                      f"{lat['enroll5_ms_p50']:.2f} / {lat['enroll5_ms_max']:.2f} ms")
+            d.add_row("predict 1 image: first / p50 / p90", f"{lat['predict_first_ms']:.2f} / "
+                      f"{lat['predict_ms_p50']:.3f} / {lat['predict_ms_p90']:.3f} ms")
+        console.print(d)
+        open_set_table(name, ev["open_set"], dev["open_set"])
 
 
 def _pct(r: dict[str, float]) -> str:
@@ -300,8 +342,9 @@ def _best(b: dict[str, float]) -> str:
     return f"{100 * b['far_at_frr']:.1f} / {100 * b['frr_at_far']:.1f}"
 
 
-def open_set_table(host: dict[str, Any], device: dict[str, Any]) -> None:
-    t = Table(title="Open set: false accepts / false rejects in % (threshold calibrated on base "
+def open_set_table(name: str, host: dict[str, Any], device: dict[str, Any]) -> None:
+    t = Table(title=f"Open set, {name}: false accepts / false rejects in % (threshold calibrated "
+                    "on base "
                     "classes for 5% false rejects; 'best' = FAR at 10% FRR / FRR at 10% FAR with "
                     "a threshold set on the novel labels)")
     for col in ("rule", "shots", "base classes", "novel classes", "novel best",

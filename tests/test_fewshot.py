@@ -18,7 +18,7 @@ from edgekt.fewshot.evaluate import (
     raw_images,
     run_episodes,
 )
-from edgekt.fewshot.losses import pairwise_logits, prototypical_loss
+from edgekt.fewshot.losses import pairwise_logits, prototypical_loss, rotate_batch
 
 torch.set_num_threads(1)
 
@@ -117,6 +117,14 @@ def test_pairwise_logits_gradient_flows_to_support_and_query():
     loss.backward()
     assert s.grad.abs().sum() > 0 and q.grad.abs().sum() > 0
     assert pairwise_logits(q, s, "euclidean").shape == (2, 4)
+
+
+def test_rotate_batch_rotates_each_image_by_its_target():
+    x = torch.arange(2 * 1 * 3 * 3, dtype=torch.float32).view(2, 1, 3, 3).repeat(20, 1, 1, 1)
+    out, k = rotate_batch(x, torch.Generator().manual_seed(0))
+    assert set(k.tolist()) == {0, 1, 2, 3} and out.shape == x.shape
+    for i in range(len(x)):
+        assert torch.equal(out[i], torch.rot90(x[i], int(k[i]), dims=(1, 2)))
 
 
 # ---- evaluation protocol ----
@@ -227,6 +235,33 @@ def test_protonet_learned_scale_and_bad_args(tmp_path):
     too_many = _proto_cfg(tmp_path / "y", "method_args={n_way: 7}")
     with pytest.raises(EdgektError, match="needs 7 classes but only 6"):
         Trainer(too_many, splits=splits)
+
+
+def test_protonet_rotation_auxiliary_learns_and_l2_transform_is_recorded(tmp_path):
+    """The rotation head (self-supervised auxiliary loss) learns to tell rotations apart well
+    above chance from 30 episodes; it is saved with the task, and the checkpoint's recorded
+    transform (l2) is what evaluation and the package then use."""
+    from edgekt.checkpoint import load_checkpoint
+    from edgekt.engine.fit import Trainer
+    from edgekt.fewshot.episodes import normalise
+    from edgekt.fewshot.evaluate import FewShotSetup
+
+    splits = _base_splits()
+    cfg = _proto_cfg(tmp_path / "rot", "method_args={n_way: 6, k_shot: 5, n_query: 5, "
+                     "eval_episodes: 50, rotation_weight: 2.0, transform: l2}", "data.augment=true")
+    tr = Trainer(cfg, splits=splits)
+    tr.run()
+    images = splits.val.images[:600].float()
+    rotated, k = rotate_batch(images, torch.Generator().manual_seed(1))
+    model, head = tr.model.eval(), tr.task.rot_head
+    with torch.no_grad():
+        pred = head(model.forward_features(normalise(rotated, splits.info))).argmax(1)
+    assert float((pred == k).float().mean()) > 0.4  # chance: 0.25 (0.46 measured)
+    ck = load_checkpoint(tmp_path / "rot" / "last.pt")
+    assert torch.equal(ck["task"]["rot_head.weight"], head.weight.detach().cpu())
+    assert ck["method"]["rotation_weight"] == 2.0 and ck["method"]["transform"] == "l2"
+    assert FewShotSetup.from_checkpoint(ck, "rot").transform == "l2"
+    assert FewShotSetup.from_checkpoint(ck, "rot", transform="none").transform == "none"
 
 
 def test_example_configs_validate():

@@ -177,8 +177,10 @@ class FewShotSetup:
         method = dict(ckpt.get("method") or {"method": cfg.method})
         metric = method.get("metric", "euclidean") if method.get("method") == "protonet" \
             else "euclidean"
-        chosen = default_transform(method.get("method", ""), metric) if transform == "auto" \
-            else transform
+        # "auto": what the training method recorded (protonet's method_args.transform), else
+        # the method's default.
+        chosen = method.get("transform") or default_transform(method.get("method", ""), metric) \
+            if transform == "auto" else transform
         scale = float(method.get("scale", 1.0)) if method.get("method") == "protonet" else 10.0
         return cls(model, info, cfg, method, metric, chosen, scale, cfg.data.classes)
 

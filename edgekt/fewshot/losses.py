@@ -37,3 +37,16 @@ def prototypical_loss(support: torch.Tensor, support_labels: torch.Tensor, query
     protos = prototypes_of(support.float(), support_labels, n_way)
     logits = pairwise_logits(query.float(), protos, metric, scale)
     return F.cross_entropy(logits, query_labels), logits
+
+
+def rotate_batch(x: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate each image by a random multiple of 90 degrees; returns (images, k in 0..3), the
+    targets of the rotation-prediction task (Gidaris et al., ICLR 2018; as an auxiliary
+    few-shot loss: Gidaris et al., ICCV 2019). Square images only."""
+    k = torch.randint(0, 4, (len(x),), generator=g)
+    out = x.clone()
+    for r in (1, 2, 3):
+        sel = k == r
+        if sel.any():
+            out[sel] = torch.rot90(x[sel], r, dims=(2, 3))
+    return out, k

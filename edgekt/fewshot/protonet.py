@@ -12,7 +12,7 @@ tracks embedding quality (with ``ce_weight > 0`` the cross-entropy also trains t
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -24,6 +24,7 @@ from edgekt.config import Config, Strict, validate
 from edgekt.data import Splits
 from edgekt.data.base import random_crop_flip
 from edgekt.engine.tasks import METHODS, StepOutput, Task
+from edgekt.errors import EdgektError
 from edgekt.fewshot.episodes import EpisodeSampler, EpisodeSpec, normalise
 from edgekt.fewshot.evaluate import (
     TorchEmbedder,
@@ -32,7 +33,7 @@ from edgekt.fewshot.evaluate import (
     raw_images,
     run_episodes,
 )
-from edgekt.fewshot.losses import Metric, prototypical_loss
+from edgekt.fewshot.losses import Metric, prototypical_loss, rotate_batch
 
 
 class ProtoNetArgs(Strict):
@@ -50,6 +51,14 @@ class ProtoNetArgs(Strict):
     """Learn the temperature (stored in the checkpoint with the task's state)."""
     ce_weight: float = Field(0.0, ge=0)
     """Weight of an auxiliary base-class cross-entropy through the backbone (0: probe only)."""
+    rotation_weight: float = Field(0.0, ge=0)
+    """Weight of an auxiliary rotation-prediction loss (a 4-way head on the embedding of a
+    randomly rotated copy of each episode image; Gidaris et al. 2019): a self-supervised task
+    that keeps features the base classes alone would not need. 0: off."""
+    transform: Literal["auto", "none", "l2"] = "auto"
+    """Embedding transform few-shot evaluation and the package use for this checkpoint (its
+    ``auto``: as trained, L2 for cosine). ``l2`` on a Euclidean-trained embedding compares
+    directions only, which transfers better across domains (SimpleShot, Wang et al. 2019)."""
     eval_episodes: int = Field(200, ge=2)
     """Episodes (same spec, base-class val/test images) for the loop's val/test accuracy."""
     eval_images: int = Field(2000, ge=10)
@@ -71,7 +80,15 @@ class ProtoNetTask(Task):
         self.splits_eval = {"val": splits.val, "test": splits.test}
         self.sampler = EpisodeSampler(self.split.targets, self.spec, seed=cfg.train.seed,
                                       source="training split (data.classes = base classes)")
+        h, w = self.split.images.shape[-2:]
+        if a.rotation_weight > 0 and h != w:
+            raise EdgektError(f"method_args.rotation_weight needs square images (a 90-degree "
+                              f"rotation keeps the shape); {cfg.data.name} images are {h}x{w}: "
+                              f"set data.image_size or rotation_weight: 0")
+        self.rot_head = nn.Linear(model.embedding_dim, 4) if a.rotation_weight > 0 else None
         self.augment = cfg.data.augment
+        self.transform = default_transform("protonet", a.metric) if a.transform == "auto" \
+            else a.transform
         init = a.scale if a.scale is not None else (10.0 if a.metric == "cosine" else 1.0)
         self.log_scale = nn.Parameter(torch.tensor(math.log(init)), requires_grad=a.learn_scale)
         # Counts episodes drawn (a buffer, so it is checkpointed and a resumed run continues
@@ -79,24 +96,32 @@ class ProtoNetTask(Task):
         self.register_buffer("episodes_drawn", torch.zeros((), dtype=torch.long))
 
     def training_step(self, model: nn.Module, batch: tuple, step: int) -> StepOutput:
-        index = self._next_episode_index()
+        a, index = self.args, self._next_episode_index()
         ep = self.sampler.sample(index)
         pos = torch.cat([ep.support, ep.query])
         images = self.split.images[pos].float()
+        g = torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + index)
         if self.augment:
-            g = torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + index)
             images = random_crop_flip(images, g)
+        n = len(images)
+        if self.rot_head is not None:  # one forward pass for the episode and its rotated copy
+            rotated, rot_k = rotate_batch(images, g)
+            images = torch.cat([images, rotated])
         x = normalise(images, self.info).to(self.log_scale.device)
         emb, head_logits = self._forward(model, x)
         dev = emb.device
         n_s = len(ep.support)
         loss, logits = prototypical_loss(
-            emb[:n_s], ep.support_labels.to(dev), emb[n_s:], ep.query_labels.to(dev),
+            emb[:n_s], ep.support_labels.to(dev), emb[n_s:n], ep.query_labels.to(dev),
             self.spec.n_way, metric=self.args.metric, scale=self.log_scale.exp())
-        ce = F.cross_entropy(head_logits.float(), self.split.targets[pos].to(dev))
-        weight = self.args.ce_weight if self.args.ce_weight > 0 else 1.0
+        ce = F.cross_entropy(head_logits[:n].float(), self.split.targets[pos].to(dev))
+        total = loss + (a.ce_weight if a.ce_weight > 0 else 1.0) * ce
         terms = {"proto": loss.detach(), "ce": ce.detach(), "scale": self.log_scale.exp().detach()}
-        return StepOutput(loss + weight * ce, logits, ep.query_labels.to(dev), terms)
+        if self.rot_head is not None:
+            rot = F.cross_entropy(self.rot_head(emb[n:]).float(), rot_k.to(dev))
+            total = total + a.rotation_weight * rot
+            terms["rotation"] = rot.detach()
+        return StepOutput(total, logits, ep.query_labels.to(dev), terms)
 
     def _next_episode_index(self) -> int:
         drawn = int(self.episodes_drawn.item())
@@ -143,7 +168,7 @@ class ProtoNetTask(Task):
             emb = TorchEmbedder(model, self.info).embed(raw_images(data))
         finally:
             model.train(was_training)
-        if self.args.metric == "cosine":
+        if self.transform == "l2":  # as evaluation and the device will compare them
             emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
         res = run_episodes(emb, data.targets.numpy(), spec, episodes=self.args.eval_episodes,
                            seed=12345, classify=nearest_prototype("euclidean"))
@@ -151,6 +176,5 @@ class ProtoNetTask(Task):
 
     def export_metadata(self) -> dict[str, Any]:
         return {"method": "protonet", **self.args.model_dump(),
-                "scale": float(self.log_scale.exp()), "transform": default_transform("protonet",
-                                                                                  self.args.metric)}
+                "scale": float(self.log_scale.exp()), "transform": self.transform}
 
