@@ -182,7 +182,7 @@ def test_matching_learned_temperature_is_trained_and_saved(tmp_path, base_novel)
     tr = Trainer(cfg, splits=splits)
     assert any(p is tr.task.log_temperature for p in tr.task.extra_parameters())
     tr.run()
-    assert abs(float(tr.task.temperature()) - 10.0) > 1e-4
+    assert abs(tr.task.temperature().item() - 10.0) > 1e-4
     assert "log_temperature" in tr.task.state_dict()
     # A fixed temperature stays out of the optimiser and of the task's saved state.
     cfg = load_config(None, [*BASE, f"run.dir={tmp_path / 'f'}", "method=matching",
