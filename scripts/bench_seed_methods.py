@@ -132,8 +132,8 @@ def fewshot(root: Path, quick: bool, threads: int, steps: int | None,
     rows: dict[str, Any] = {}
     naive = "naive: untrained + nearest prototype"
     if only is None or only.search(naive):
+        torch.manual_seed(0)  # before the model: its random weights are the row
         net = create_model(model, num_classes=6, in_channels=1, image_size=28)
-        torch.manual_seed(0)
         emb = embed_split(net, novel, base.info).numpy()
         rows[naive] = {"train_cpu_s": 0.0, "steps": 0, **{
             f"{k}shot": run_episodes(emb, novel.targets.numpy(), EpisodeSpec(ways, k, 15),
