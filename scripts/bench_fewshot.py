@@ -214,6 +214,7 @@ def main() -> None:
     import edgekt.fewshot  # noqa: F401  (registers protonet)
     from edgekt.config import DataConfig
     from edgekt.data import build_splits
+    from edgekt.devices.fingerprint import host_fingerprint
     from edgekt.fewshot.evaluate import raw_images
     from edgekt.fewshot.package import build_package
 
@@ -222,7 +223,8 @@ def main() -> None:
     out: dict[str, Any] = {"quick": args.quick, "eval_episodes": episodes, "backbone": "cnn_s",
                            "host": {"cpu_count": os.cpu_count(), "load_avg": os.getloadavg(),
                                     "machine": platform.machine(), "torch": torch.__version__,
-                                    "threads": args.threads, "cpu_flags": cpu_flags()},
+                                    "threads": args.threads,
+                                    "cpu_flags": host_fingerprint()["flags"]},
                            "eval_split": args.eval_split,
                            "quoted_easyfsl_protonet_500ep": QUOTED, "recipes": {}}
     chosen = recipes(args.quick)
@@ -272,15 +274,6 @@ def _write(out: dict[str, Any], path: Path | None) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(out, indent=2, default=float))
         console.print(f"wrote {path}")
-
-
-def cpu_flags() -> list[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    words = set(text.split())
-    return sorted(f for f in ("avx2", "avx512f", "avx512_vnni", "amx_tile") if f in words)
 
 
 def _acc(rows: list[dict], k: int) -> tuple[float, float]:

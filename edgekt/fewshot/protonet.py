@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import Field
@@ -23,6 +22,7 @@ from torch import nn
 from edgekt.config import Config, Strict, validate
 from edgekt.data import Splits
 from edgekt.data.base import random_crop_flip
+from edgekt.devices.fewshot import transform_embeddings
 from edgekt.engine.tasks import METHODS, StepOutput, Task
 from edgekt.errors import EdgektError
 from edgekt.fewshot.episodes import EpisodeSampler, EpisodeSpec, normalise
@@ -168,8 +168,7 @@ class ProtoNetTask(Task):
             emb = TorchEmbedder(model, self.info).embed(raw_images(data))
         finally:
             model.train(was_training)
-        if self.transform == "l2":  # as evaluation and the device will compare them
-            emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+        emb = transform_embeddings(emb, self.transform)  # as evaluation and the device do
         res = run_episodes(emb, data.targets.numpy(), spec, episodes=self.args.eval_episodes,
                            seed=12345, classify=nearest_prototype("euclidean"))
         return {"acc": res.mean, "episode_ci95": res.ci95}
